@@ -31,3 +31,17 @@ params: setup
 
 clean:
 	rm -rf runs outputs multirun
+
+# Tokenizer and data (paper 2.3, 3.1). TOKENIZER/DATA pick conf/tokenizer/*.yaml and conf/data/*.yaml.
+TOKENIZER ?= tiny
+DATA      ?= tiny
+.PHONY: tokenizer tokenizer-report data
+
+tokenizer: setup
+	$(PYTHON) stages/tokenizer.py tokenizer=$(TOKENIZER) $(ARGS)
+
+tokenizer-report: setup
+	$(PYTHON) stages/tokenizer.py tokenizer=$(TOKENIZER) mode=report $(ARGS)
+
+data: setup
+	$(PYTHON) stages/curate.py data=$(DATA) $(ARGS)
