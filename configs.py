@@ -1,0 +1,112 @@
+"""Config checks that run before anything is allocated or submitted.
+
+Each rule returns one line naming the config field and what was expected; `validate()` raises
+all of them at once so a user fixes a bad combination in one go. The launcher calls this before
+submitting to Slurm, the stage scripts before building the model.
+"""
+
+from __future__ import annotations
+
+from math import prod
+
+from omegaconf import DictConfig
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def budget(cfg: DictConfig) -> DictConfig:
+    """The stage's token/sequence/batch budget for this model size (`model.budget`)."""
+    try:
+        return cfg.stage.budget[cfg.model.budget]
+    except KeyError:
+        raise ConfigError(f"stage/{cfg.stage.name}.yaml: no budget.{cfg.model.budget} "
+                          f"(model/{cfg.model.name}.yaml sets budget={cfg.model.budget})") from None
+
+
+def world_size_of(cfg: DictConfig) -> int:
+    hw = cfg.hardware
+    return hw.nodes * hw.procs_per_node
+
+
+def batch_schedule_values(b: DictConfig) -> list[int]:
+    """Every global batch size the ramp will use (sequences per step)."""
+    if b.batch_increment <= 0:
+        return [b.batch_end]
+    return list(range(b.batch_start, b.batch_end, b.batch_increment)) + [b.batch_end]
+
+
+def errors(cfg: DictConfig, world_size: int | None = None) -> list[str]:
+    m, p, hw = cfg.model, cfg.parallelism, cfg.hardware
+    ws = world_size if world_size is not None else world_size_of(cfg)
+    out = []
+
+    if cfg.optim.budget != m.budget:
+        out.append(f"optim/{cfg.optim.name}.yaml is sized for budget {cfg.optim.budget}, but model/{m.name}.yaml "
+                   f"uses budget {m.budget}: pick the matching optim config")
+    if m.vocab_size % 128:
+        out.append(f"model/{m.name}.yaml vocab_size={m.vocab_size}: expected a multiple of 128 (paper 2.3)")
+    if m.num_experts % m.n_group:
+        out.append(f"model/{m.name}.yaml num_experts={m.num_experts}: expected a multiple of n_group={m.n_group}")
+    if m.top_k > (m.num_experts // m.n_group) * m.topk_group:
+        out.append(f"model/{m.name}.yaml top_k={m.top_k}: more than the experts in topk_group={m.topk_group} groups")
+
+    # World size = dp_replicate * dp_shard * cp * tp * pp (EP borrows from dp_shard * cp).
+    fixed = p.dp_replicate * p.cp * p.tp * p.pp
+    dp_shard = p.dp_shard if p.dp_shard != -1 else ws // fixed if ws % fixed == 0 else 0
+    if dp_shard < 1 or fixed * dp_shard != ws:
+        out.append(f"parallelism/{p.name}.yaml: dp_replicate*dp_shard*cp*tp*pp = "
+                   f"{p.dp_replicate}*{p.dp_shard}*{p.cp}*{p.tp}*{p.pp} does not equal world size {ws}")
+        dp_shard = max(dp_shard, 1)
+    if (dp_shard * p.cp) % p.ep:
+        out.append(f"parallelism/{p.name}.yaml ep={p.ep}: expected to divide dp_shard*cp={dp_shard * p.cp}")
+    if m.num_experts % p.ep:
+        out.append(f"parallelism/{p.name}.yaml ep={p.ep}: expected to divide model.num_experts={m.num_experts}")
+    if p.pp > 1 and m.n_layers % p.pp and (m.n_layers + 1) % p.pp:
+        # torchtitan's pipeline split may give the first stage one layer less.
+        out.append(f"parallelism/{p.name}.yaml pp={p.pp}: model.n_layers={m.n_layers} does not split into "
+                   f"{p.pp} stages (expected n_layers or n_layers+1 divisible by pp)")
+    if p.pp > 1 and m.num_mtp_layers > 0:
+        out.append(f"parallelism/{p.name}.yaml pp={p.pp}: torchtitan 0.3.0 cannot pipeline MTP layers; "
+                   f"set model.num_mtp_layers=0 or pp=1 (see README 'Known gaps')")
+    if p.cp > 1 and m.num_mtp_layers > 0:
+        out.append(f"parallelism/{p.name}.yaml cp={p.cp}: torchtitan 0.3.0 has no context-parallel MTP; "
+                   f"set model.num_mtp_layers=0 for long-context stages")
+    if p.tp != 1:
+        out.append(f"parallelism/{p.name}.yaml tp={p.tp}: A.X K1 trains without tensor parallelism (paper 3.4); expected 1")
+    if hw.device == "cpu" and hw.attention == "flex":
+        out.append(f"hardware/{hw.name}.yaml attention=flex: flex attention has no CPU backward; expected sdpa")
+    if p.cp > 1 and hw.attention == "sdpa":
+        out.append(f"parallelism/{p.name}.yaml cp={p.cp}: context parallel needs hardware.attention=flex")
+
+    try:
+        b = budget(cfg)
+    except ConfigError as e:
+        return out + [str(e)]
+    if b.seq_len > m.max_seq_len:
+        out.append(f"stage/{cfg.stage.name}.yaml seq_len={b.seq_len}: exceeds model.max_seq_len={m.max_seq_len}")
+    if p.cp > 1 and b.seq_len % (2 * p.cp):
+        out.append(f"stage/{cfg.stage.name}.yaml seq_len={b.seq_len}: expected a multiple of 2*cp={2 * p.cp} "
+                   f"(context parallel load-balances two chunks per rank)")
+    dp = p.dp_replicate * dp_shard
+    rows = dp * p.micro_batch
+    bad = [n for n in batch_schedule_values(b) if n % rows]
+    if bad:
+        out.append(f"stage/{cfg.stage.name}.yaml global batch {bad[0]} (of the ramp {b.batch_start}->{b.batch_end} "
+                   f"step {b.batch_increment}): expected a multiple of dp*micro_batch={dp}*{p.micro_batch}={rows}")
+    return out
+
+
+def validate(cfg: DictConfig, world_size: int | None = None) -> None:
+    errs = errors(cfg, world_size)
+    if errs:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errs))
+
+
+def mesh_degrees(cfg: DictConfig, world_size: int) -> dict:
+    p = cfg.parallelism
+    fixed = p.dp_replicate * p.cp * p.tp * p.pp
+    dp_shard = p.dp_shard if p.dp_shard != -1 else world_size // fixed
+    return dict(dp_replicate=p.dp_replicate, dp_shard=dp_shard, cp=p.cp, tp=p.tp, pp=p.pp, ep=p.ep,
+                dp=p.dp_replicate * dp_shard, world=prod([p.dp_replicate, dp_shard, p.cp, p.tp, p.pp]))

@@ -1,0 +1,116 @@
+"""Hardware-dependent kernels and the checks that go with them.
+
+The model code never asks "am I on a CPU?": the hardware config names the attention kernel and
+the expert GEMM dtype, and this module maps those names to torchtitan modules (or to our own
+where torchtitan has no CPU path). Everything here is selected by `conf/hardware/*.yaml`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torchtitan.models.common.attention import FlexAttention, VarlenAttention
+from torchtitan.models.common.moe import GroupedExperts
+from torchtitan.protocols.module import Module
+
+
+# ----------------------------------------------------------------------------------------
+# Attention: flex (GPU) or SDPA with a dense causal + document mask (CPU).
+# ----------------------------------------------------------------------------------------
+def document_causal_mask(positions: torch.Tensor) -> torch.Tensor:
+    """(B, 1, L, L) bool mask: query i sees key j iff j <= i and both are in the same document.
+
+    Documents are recovered from reset-style positions (0 at each document start), the same
+    convention torchtitan's flex mask uses, so both kernels mask identically.
+    """
+    doc = torch.cumsum(positions == 0, dim=1)  # (B, L) document index
+    L = positions.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=positions.device).tril_()
+    same_doc = doc.unsqueeze(2) == doc.unsqueeze(1)
+    return (same_doc & causal).unsqueeze(1)
+
+
+class DocumentSDPA(Module):
+    """Inner attention on `F.scaled_dot_product_attention` with an explicit mask.
+
+    Flex attention has no CPU backward; SDPA's math/CPU-flash kernels do, and accept the same
+    causal + document mask as a boolean tensor. Layout in/out is torchtitan's (B, L, N, H).
+    """
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(Module.Config):
+        pass
+
+    def __init__(self, config: Config):
+        super().__init__()
+
+    def forward(self, q_BLNH, k_BLNH, v_BLNH, *, attention_masks=None, scale=None, **_):
+        if attention_masks is None:
+            raise ValueError("DocumentSDPA needs the causal+document mask from get_attention_masks(positions)")
+        out = F.scaled_dot_product_attention(
+            q_BLNH.transpose(1, 2), k_BLNH.transpose(1, 2), v_BLNH.transpose(1, 2),
+            attn_mask=attention_masks, scale=scale,
+        )
+        return out.transpose(1, 2)
+
+
+def attention_config(name: str) -> Module.Config:
+    if name == "sdpa":
+        return DocumentSDPA.Config()
+    if name == "flex":
+        return FlexAttention.Config()
+    if name == "varlen":
+        return VarlenAttention.Config()
+    raise ValueError(f"hardware.attention: expected one of sdpa|flex|varlen, got {name!r}")
+
+
+# ----------------------------------------------------------------------------------------
+# Routed experts: torchtitan's grouped GEMM, in the dtype the hardware is fast at.
+# ----------------------------------------------------------------------------------------
+class GroupedExpertsMM(GroupedExperts):
+    """torchtitan's GroupedExperts with a configurable GEMM dtype.
+
+    torchtitan casts expert inputs and weights to bf16 before `torch._grouped_mm`. That is the
+    right call on H100/H200 tensor cores, but CPUs without AMX run bf16 GEMMs ~9x slower than
+    fp32 (bench/cpu_step.py; 8.9 vs 76 GFLOP/s for the tiny model's expert shapes here), which
+    made the whole CPU step ~3x slower than transformers' reference. The dtype now comes from
+    `hardware.expert_gemm_dtype`; on GPU it stays bf16 (a no-op cast under FSDP bf16 params).
+    """
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(GroupedExperts.Config):
+        gemm_dtype: str = "bfloat16"
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self.gemm_dtype = getattr(torch, config.gemm_dtype)
+
+    def forward(self, x_RD: torch.Tensor, num_tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        w1, w2, w3 = (w.to_local() if hasattr(w, "to_local") else w for w in (self.w1_EFD, self.w2_EDF, self.w3_EFD))
+        offs = torch.cumsum(num_tokens_per_expert_E, dim=0, dtype=torch.int32)
+        x = x_RD.to(self.gemm_dtype)
+        h = F.silu(self._grouped_mm(A=x, B_t=w1.to(self.gemm_dtype).transpose(-2, -1), offs=offs))
+        h = h * self._grouped_mm(A=x, B_t=w3.to(self.gemm_dtype).transpose(-2, -1), offs=offs)
+        return self._grouped_mm(A=h, B_t=w2.to(self.gemm_dtype).transpose(-2, -1), offs=offs).type_as(x_RD)
+
+
+# ----------------------------------------------------------------------------------------
+# Optional GPU-only pieces: fail early with one clear line when they cannot run.
+# ----------------------------------------------------------------------------------------
+def check_moe_comm_backend(name: str) -> None:
+    if name == "deepep" and importlib.util.find_spec("deep_ep") is None:
+        raise RuntimeError(
+            "parallelism.moe_comm_backend=deepep needs the deep_ep package (built from source on the "
+            "GPU cluster, see README 'DeepEP'); it is not installed here. Use moe_comm_backend=standard."
+        )
+    if name not in ("standard", "deepep"):
+        raise ValueError(f"parallelism.moe_comm_backend: expected standard|deepep, got {name!r}")
+
+
+def check_float8(enabled: bool, device: str) -> None:
+    if enabled and (device != "cuda" or not torch.cuda.is_available()):
+        raise RuntimeError("hardware.float8=true needs CUDA GPUs with FP8 tensor cores (H100/H200); "
+                           "this run's device has none. Use a hardware config with float8: false.")

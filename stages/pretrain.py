@@ -1,0 +1,152 @@
+"""Pre-training, every stage (paper 3.2): config -> model -> parallelize -> data -> loop -> checkpoint.
+
+    torchrun --nproc_per_node 2 stages/pretrain.py stage=pretrain_s1            # tiny, CPU, FSDP2 x EP 2
+    python stages/pretrain.py model=axk1_519b hardware=h200_1024 parallelism=axk1_pretrain  # the paper
+
+A stage starts from the previous stage's final checkpoint (stage.init_from) and, if killed,
+resumes from its own latest checkpoint: weights, optimizer, loader position and schedules.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from torchtitan.distributed.utils import clip_grad_norm_
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import configs  # noqa: E402
+import data  # noqa: E402
+import training  # noqa: E402
+
+
+def run(cfg: DictConfig) -> dict:
+    # ---- config ------------------------------------------------------------------------
+    rank, world = training.init_distributed(cfg.hardware)
+    configs.validate(cfg, world)
+    stage, b, o = cfg.stage, configs.budget(cfg), cfg.optim
+    run_dir = Path(cfg.run_dir)
+    training.save_resolved_config(cfg, run_dir, rank)
+    torch.set_num_threads(max(1, cfg.hardware.cpus_per_task))
+
+    # ---- model + parallelize (torchtitan) ----------------------------------------------
+    net, spec, pdims, flops_per_token = training.build_model(
+        cfg, world, bias_update_rate=stage.bias_update_rate, seed=cfg.seed)
+    opt = training.build_optimizer(net, o, spec, pdims)
+
+    # ---- data --------------------------------------------------------------------------
+    batch_mesh = pdims.get_optional_mesh("batch")
+    dp_rank = batch_mesh.get_local_rank() if batch_mesh is not None else 0
+    dp_size = pdims.dp_replicate * pdims.dp_shard
+    loss_mesh = pdims.get_optional_mesh("loss")  # data-parallel x context-parallel ranks
+    loss_group = loss_mesh.get_group() if loss_mesh is not None else None
+    loader = data.build_pretrain_loader(cfg.data, stage=stage.data_stage, seq_len=b.seq_len,
+                                        dp_rank=dp_rank, dp_size=dp_size, seed=cfg.seed)
+
+    # ---- resume, or start from the previous stage ----------------------------------------
+    state = {"step": 0, "samples": 0, "tokens": 0}
+    latest = training.latest_checkpoint(run_dir)
+    if latest is not None:
+        state = training.load_checkpoint(latest, net, opt)
+        loader.load_state_dict(state["loader"])
+        if rank == 0:
+            print(f"[{stage.name}] resumed from {latest} at step {state['step']}", flush=True)
+    elif (init := training.resolve_init(cfg)) is not None:
+        training.load_model_weights(init, net)
+        if rank == 0:
+            print(f"[{stage.name}] initialised from {init}", flush=True)
+
+    # ---- loop --------------------------------------------------------------------------
+    log = training.MetricLog(run_dir, rank)
+    device = training.device_of(cfg.hardware)
+    peak_flops = cfg.hardware.peak_tflops * 1e12 * world
+    micro = cfg.parallelism.micro_batch
+    steps_run, t_last, loss_val = 0, time.perf_counter(), float("nan")
+    while state["tokens"] < b.tokens:
+        if cfg.max_steps is not None and steps_run >= cfg.max_steps:
+            break
+        global_batch = training.global_batch_at(b, state["samples"])
+        lr = training.lr_at(stage, o, b, state["tokens"])
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+        batch = loader.next_batch(global_batch)
+        n_micro = batch["input_ids"].shape[0] // micro
+        # Normalise by the global number of targets: torchtitan's FSDP sums gradients over ranks.
+        targets = training.loss_labels(batch["labels"], batch["positions"], cfg.model.num_mtp_layers)
+        n_targets = training.count_targets(targets)
+        dist.all_reduce(n_targets, group=loss_group)
+        training.set_aux_grad_scale(net, 1.0 / (n_micro * dp_size))
+        sums = torch.zeros(3)  # summed lm CE, summed mtp CE, aux loss (mean over micro-batches)
+        for i in range(n_micro):
+            rows = slice(i * micro, (i + 1) * micro)
+            tokens, positions = batch["input_ids"][rows].to(device), batch["positions"][rows].to(device)
+            preds = net(tokens, positions, net.get_attention_masks(positions))
+            ce = training.ce_sums(preds, [t[rows].to(device) for t in targets])
+            loss = ce[0] / n_targets[0]
+            if len(ce) > 1:
+                loss = loss + stage.mtp_scale * sum(ce[1:]) / n_targets[1].clamp(min=1)
+            loss.backward()
+            sums += torch.tensor([ce[0].item(), sum(c.item() for c in ce[1:]),
+                                  training.aux_loss_value(net) / n_micro])
+        grad_norm = clip_grad_norm_(net.parameters(), o.grad_clip, foreach=True,
+                                    pp_mesh=pdims.get_optional_mesh("pp"), ep_enabled=pdims.ep_enabled)
+        imbalance = training.expert_load_imbalance(net)  # before step(): the bias hook resets counts
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+        dist.all_reduce(sums, group=loss_group)
+        lm_v, mtp_v = (sums[:2] / n_targets.clamp(min=1)).tolist()
+        aux_v = float(sums[2]) / dp_size
+        loss_val = lm_v + stage.mtp_scale * mtp_v + aux_v
+        state["step"] += 1
+        state["samples"] += global_batch
+        state["tokens"] += global_batch * b.seq_len
+        steps_run += 1
+
+        now = time.perf_counter()
+        tok_s = global_batch * b.seq_len / (now - t_last)
+        t_last = now
+        rec = dict(step=state["step"], tokens=state["tokens"], loss=loss_val, lm_loss=lm_v, mtp_loss=mtp_v,
+                   aux_loss=aux_v, lr=lr, batch=global_batch, tokens_per_s=tok_s,
+                   mfu=tok_s * flops_per_token / peak_flops, grad_norm=float(grad_norm),
+                   expert_imbalance=imbalance)
+        pct = 100.0 * state["tokens"] / b.tokens
+        log.log(rec, None if state["step"] % cfg.log_every else
+                f"[{stage.name}] step {state['step']:5d} {pct:5.1f}% loss {loss_val:.4f} (lm {lm_v:.4f} "
+                f"mtp {mtp_v:.4f}) lr {lr:.2e} bs {global_batch} {tok_s:,.0f} tok/s "
+                f"mfu {rec['mfu']:.1%} imb {imbalance:.2f}")
+        if not math.isfinite(loss_val):
+            raise FloatingPointError(f"[{stage.name}] loss is {loss_val} at step {state['step']}")
+
+        # ---- checkpoint ------------------------------------------------------------------
+        finished = state["tokens"] >= b.tokens
+        if finished or state["step"] % cfg.checkpoint.every_steps == 0:
+            state["loader"] = loader.state_dict()
+            training.save_checkpoint(run_dir, state["step"], net, opt, state, cfg.checkpoint.keep_last)
+
+    summary = {"stage": stage.name, "step": state["step"], "tokens": state["tokens"],
+               "final_loss": loss_val, "run_dir": str(run_dir), "finished": state["tokens"] >= b.tokens}
+    if rank == 0 and summary["finished"]:
+        (run_dir / "DONE.json").write_text(json.dumps(summary))
+    dist.barrier()
+    return summary
+
+
+@hydra.main(config_path="../conf", config_name="pretrain", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    summary = run(cfg)
+    if dist.get_rank() == 0:
+        print(json.dumps(summary), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""Plumbing shared by every training stage: distributed start-up, model build + torchtitan
+parallelize, optimizer, schedules, losses, DCP checkpoints and metric logging.
+
+Stage scripts in stages/ read top to bottom and call into this module; nothing here knows which
+stage it serves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.fsdp import FSDPModule
+from omegaconf import DictConfig, OmegaConf
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
+)
+from torchtitan.components.loss import IGNORE_INDEX, cross_entropy_loss
+from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
+from torchtitan.distributed.activation_checkpoint import ActivationCheckpointingConfig
+from torchtitan.distributed import ParallelDims
+from torchtitan.distributed import utils as dist_utils
+from torchtitan.models.deepseek_v3.mtp import roll_mtp_sequence
+
+import configs
+import kernels
+import model as axk1
+
+
+# ----------------------------------------------------------------------------------------
+# The one patch around torchtitan. torchtitan.tools.utils picks its device type at import
+# as `_get_available_device_type() or "cuda"`, so on a GPU-less machine every DeviceMesh it
+# builds asks for CUDA. We point it (and the modules that copied the name) at the device the
+# hardware config names. tests/test_torchtitan_patch.py fails when this stops being needed
+# (torchtitan learns CPU) or stops working (the names move).
+# ----------------------------------------------------------------------------------------
+def _patch_torchtitan_device(device: str) -> None:
+    import torchtitan.distributed.parallel_dims as parallel_dims_mod
+    import torchtitan.tools.utils as tt_utils
+
+    module = getattr(torch, device)
+    tt_utils.device_type, tt_utils.device_module = device, module
+    parallel_dims_mod.device_type = device
+
+
+def init_distributed(hw: DictConfig) -> tuple[int, int]:
+    """Start torch.distributed from torchrun/Slurm env vars (or as a 1-process group)."""
+    _patch_torchtitan_device(hw.device)
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain `python stages/x.py`: a world of one
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        if hw.device == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(hw.backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def device_of(hw: DictConfig) -> torch.device:
+    return torch.device(hw.device, int(os.environ.get("LOCAL_RANK", 0))) if hw.device == "cuda" else torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------
+# Model: build on meta, parallelize with torchtitan, materialise, initialise.
+# ----------------------------------------------------------------------------------------
+def torchtitan_parallelism(cfg: DictConfig, world_size: int) -> ParallelismConfig:
+    p, d = cfg.parallelism, configs.mesh_degrees(cfg, world_size)
+    return ParallelismConfig(
+        data_parallel_replicate_degree=p.dp_replicate, data_parallel_shard_degree=d["dp_shard"],
+        context_parallel_degree=p.cp, tensor_parallel_degree=p.tp, pipeline_parallel_degree=p.pp,
+        expert_parallel_degree=p.ep, spmd_backend=p.spmd_backend, pipeline_parallel_schedule=p.pp_schedule,
+    )
+
+
+def build_model(cfg: DictConfig, world_size: int, *, bias_update_rate: float, seed: int):
+    """Returns (model, spec, parallel_dims, flops_per_token)."""
+    hw, p = cfg.hardware, cfg.parallelism
+    kernels.check_moe_comm_backend(p.moe_comm_backend)
+    kernels.check_float8(hw.float8, hw.device)
+    spec = axk1.model_registry(cfg.model, attention=hw.attention, moe_comm_backend=p.moe_comm_backend,
+                               expert_gemm_dtype=hw.expert_gemm_dtype, bias_update_rate=bias_update_rate)
+    parallelism = torchtitan_parallelism(cfg, world_size)
+    dist_utils.set_spmd_backend(parallelism.spmd_backend)  # as torchtitan's Trainer does
+
+    class _RuntimeConfig:  # the one field torchtitan's update_from_config reads off a non-Trainer config
+        pass
+    _RuntimeConfig.parallelism = parallelism
+    spec.model.update_from_config(config=_RuntimeConfig())
+
+    parallel_dims = ParallelDims.from_config(parallelism, world_size)
+    parallel_dims.build_mesh()
+    with torch.device("meta"):
+        net = spec.model.build()
+    seq_len = configs.budget(cfg).seq_len
+    _, flops_per_token = spec.model.get_nparams_and_flops(net, seq_len)
+
+    ac = None if p.activation_checkpoint == "none" else ActivationCheckpointingConfig(mode=p.activation_checkpoint)
+    net = spec.parallelize_fn(
+        net, parallel_dims=parallel_dims,
+        training=TrainingConfig(mixed_precision_param=hw.param_dtype, mixed_precision_reduce=hw.reduce_dtype),
+        parallelism=parallelism, compile_config=CompileConfig(), ac_config=ac, dump_folder=cfg.run_dir,
+    )
+    device = device_of(hw)
+    if hw.backend == "gloo":
+        # torchtitan sets FSDP's gradient divide factor to 1 (the loss is normalised by the
+        # global token count instead), which FSDP turns into ReduceOp.PREMUL_SUM: NCCL-only.
+        # Gloo gets the same arithmetic as a plain SUM.
+        for mod in net.modules():
+            if isinstance(mod, FSDPModule):
+                mod.set_force_sum_reduction_for_comms(True)
+    net.to_empty(device=device)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        net.init_states(buffer_device=device)
+    net.train()
+    return net, spec, parallel_dims, flops_per_token
+
+
+def build_optimizer(net: torch.nn.Module, o: DictConfig, spec, parallel_dims) -> torch.optim.Optimizer:
+    opt = torch.optim.AdamW(net.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                            weight_decay=o.weight_decay, foreach=True)
+    # torchtitan's aux-loss-free balancing: a pre-step hook moves each MoE layer's expert bias by
+    # rate * sign(mean load - load) (the rate is AXK1MoE.load_balance_coeff; 0 freezes it).
+    spec.post_optimizer_build_fn(opt, [net], parallel_dims)
+    return opt
+
+
+# ----------------------------------------------------------------------------------------
+# Schedules: batch-size ramp in samples and the Warmup-Stable-Decay LR across stages.
+# ----------------------------------------------------------------------------------------
+def global_batch_at(b: DictConfig, samples_seen: int) -> int:
+    """Sequences per step: batch_start, + batch_increment every ramp_samples/increments samples."""
+    if b.batch_increment <= 0 or b.ramp_samples <= 0:
+        return b.batch_end
+    n_inc = (b.batch_end - b.batch_start) // b.batch_increment
+    k = min(n_inc, int(samples_seen * n_inc // b.ramp_samples))
+    return min(b.batch_end, b.batch_start + k * b.batch_increment)
+
+
+def lr_at(stage: DictConfig, o: DictConfig, b: DictConfig, tokens_seen: int) -> float:
+    """WSD: the stage's LR factor moves linearly from lr_start to lr_end over its token budget,
+    after an optional warmup (stage 1 only) measured in samples."""
+    frac = min(1.0, tokens_seen / b.tokens)
+    factor = stage.lr_start + (stage.lr_end - stage.lr_start) * frac
+    if b.get("warmup_samples", 0) > 0:
+        factor *= min(1.0, (tokens_seen / b.seq_len + 1) / b.warmup_samples)
+    return o.lr * factor
+
+
+# ----------------------------------------------------------------------------------------
+# Loss: LM + mtp_scale * MTP (the aux loss rides on the MoE activations, see model.py).
+# ----------------------------------------------------------------------------------------
+def loss_labels(labels: torch.Tensor, positions: torch.Tensor, num_mtp: int) -> list[torch.Tensor]:
+    """Targets of the main head and of each MTP depth.
+
+    MTP depth k predicts the token k steps after the main head's label, i.e. input position i
+    predicts token i+1+k (depth 1: shifted by two); torchtitan's roll_mtp_sequence marks targets
+    that would cross a packed-document boundary as ignored.
+    """
+    return [labels] + [roll_mtp_sequence(labels, shift=k, fill_value=IGNORE_INDEX, positions=positions)
+                       for k in range(1, num_mtp + 1)]
+
+
+def count_targets(targets: list[torch.Tensor]) -> torch.Tensor:
+    """Valid targets per head: [main, mtp (all depths)]."""
+    n_mtp = sum(int((t != IGNORE_INDEX).sum()) for t in targets[1:])
+    return torch.tensor([float((targets[0] != IGNORE_INDEX).sum()), float(n_mtp)])
+
+
+def ce_sums(preds, targets: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Summed CE per head (torchtitan's cross_entropy_loss sums; the caller divides by the
+    global target count, because torchtitan's FSDP setup sums gradients across ranks)."""
+    preds = preds if isinstance(preds, list) else [preds]
+    return [cross_entropy_loss(p, t) for p, t in zip(preds, targets)]
+
+
+def set_aux_grad_scale(net: torch.nn.Module, scale: float) -> None:
+    for moe in axk1.moe_layers(net):
+        moe.aux_grad_scale = scale
+
+
+def aux_loss_value(net: torch.nn.Module) -> float:
+    vals = [m.last_aux_loss for m in axk1.moe_layers(net) if m.last_aux_loss is not None]
+    return float(sum(vals)) if vals else 0.0
+
+
+def expert_load_imbalance(net: torch.nn.Module) -> float:
+    """max/mean tokens per expert, worst main MoE layer, summed over ranks (read before the
+    optimizer step: torchtitan's balancing hook resets the counters)."""
+    counts = [blk.moe.tokens_per_expert_E for blk in net.layers.values() if getattr(blk, "moe_enabled", False)]
+    if not counts:
+        return 1.0
+    c = torch.stack([t.to_local() if hasattr(t, "to_local") else t for t in counts]).float()
+    if dist.is_initialized():
+        dist.all_reduce(c)
+    return float((c.max(dim=1).values / c.mean(dim=1).clamp(min=1e-9)).max())
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints: DCP directories written beside, then renamed; `latest` names the newest.
+# ----------------------------------------------------------------------------------------
+def ckpt_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    ptr = ckpt_root(run_dir) / "latest"
+    if not ptr.exists():
+        return None
+    path = ckpt_root(run_dir) / ptr.read_text().strip()
+    return path if (path / ".metadata").exists() else None
+
+
+def save_checkpoint(run_dir, step: int, net, opt, train_state: dict, keep_last: int) -> Path:
+    """All ranks write into step-N.tmp; rank 0 renames it and then moves `latest`, so a crash
+    mid-write leaves the previous checkpoint (and the pointer to it) untouched."""
+    root = ckpt_root(run_dir)
+    final, tmp = root / f"step-{step:08d}", root / f"step-{step:08d}.tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(net, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    dist.barrier()
+    if rank == 0:
+        (tmp / "train_state.json").write_text(json.dumps(train_state))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        ptr_tmp = root / "latest.tmp"
+        ptr_tmp.write_text(final.name)
+        os.replace(ptr_tmp, root / "latest")
+        steps = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for old in steps[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: Path, net, opt) -> dict:
+    model_sd, optim_sd = get_state_dict(net, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(net, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return json.loads((path / "train_state.json").read_text())
+
+
+def load_model_weights(path: Path, net) -> None:
+    """Initialise from another stage's checkpoint: weights and buffers only (fresh optimizer)."""
+    sd = get_model_state_dict(net)
+    dcp.load({"model": sd}, checkpoint_id=str(path))
+    set_model_state_dict(net, sd, options=StateDictOptions(strict=True))
+
+
+def resolve_init(cfg: DictConfig) -> Path | None:
+    """`stage.init_from` is a previous stage's name (its latest checkpoint) or a path."""
+    src = cfg.stage.get("init_from")
+    if not src:
+        return None
+    p = Path(src)
+    if not p.exists():
+        run = Path(cfg.paths.runs) / cfg.model.name / src
+        p = latest_checkpoint(run)
+        if p is None or not (run / "DONE.json").exists():
+            raise FileNotFoundError(f"stage/{cfg.stage.name}.yaml init_from={src}: no finished run at {run} "
+                                    f"(run stage {src} first)")
+    return p
+
+
+# ----------------------------------------------------------------------------------------
+# Logging: console line + metrics.jsonl on rank 0.
+# ----------------------------------------------------------------------------------------
+class MetricLog:
+    def __init__(self, run_dir: str | Path, rank: int):
+        self.rank, self.t0 = rank, time.perf_counter()
+        self.path = Path(run_dir) / "metrics.jsonl"
+        if rank == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, rec: dict, console: str | None = None) -> None:
+        if self.rank != 0:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if console:
+            print(console, flush=True)
+
+
+def save_resolved_config(cfg: DictConfig, run_dir: str | Path, rank: int) -> None:
+    if rank == 0:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
