@@ -1,0 +1,66 @@
+"""Think-Fusion merge (paper 4.3, Eq. 1): theta = alpha * theta_reasoning + (1 - alpha) * theta_instruct.
+
+    python stages/merge.py                       # runs/<model>/sft_reasoning + sft_instruct -> runs/<model>/merge
+    python stages/merge.py alpha=0.5 stage.reasoning_from=/path/to/dcp
+
+No process group and no model build: merge.py streams the DCP checkpoints tensor by tensor, so
+this runs on one host for the 519B model. Output layout is every stage's: checkpoints/step-00000000
+(+ merge_manifest.json with the inputs' hashes and alpha), checkpoints/latest, DONE.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import merge  # noqa: E402
+
+
+def resolve_input(cfg: DictConfig, field: str) -> Path:
+    """A stage name (its latest finished checkpoint) or a checkpoint path."""
+    src = cfg.stage[field]
+    p = Path(src)
+    if p.exists():
+        return p
+    run = Path(cfg.paths.runs) / cfg.model.name / src
+    ptr = run / "checkpoints" / "latest"
+    if not (run / "DONE.json").exists() or not ptr.exists():
+        raise FileNotFoundError(f"conf/merge.yaml stage.{field}={src}: no finished run at {run} (run stage {src} first)")
+    return run / "checkpoints" / ptr.read_text().strip()
+
+
+def run(cfg: DictConfig) -> dict:
+    reasoning, instruct = resolve_input(cfg, "reasoning_from"), resolve_input(cfg, "instruct_from")
+    run_dir = Path(cfg.run_dir)
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    (run_dir / "DONE.json").unlink(missing_ok=True)  # a re-run is not done until it finishes
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    out = root / "step-00000000"
+    manifest = merge.merge_checkpoints(reasoning, instruct, out, float(cfg.alpha), hash_inputs=bool(cfg.hash_inputs))
+    (run_dir / "merge_manifest.json").write_text(json.dumps(manifest, indent=2))
+    ptr_tmp = root / "latest.tmp"
+    ptr_tmp.write_text(out.name)
+    os.replace(ptr_tmp, root / "latest")
+    summary = {"stage": cfg.stage.name, "alpha": manifest["alpha"], "n_params": manifest["n_params"],
+               "output": str(out), "seconds": manifest["seconds"], "finished": True}
+    (run_dir / "DONE.json").write_text(json.dumps(summary))
+    return summary
+
+
+@hydra.main(config_path="../conf", config_name="merge", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        print(json.dumps(run(cfg)), flush=True)
+    except (merge.MergeError, FileNotFoundError) as e:
+        sys.exit(f"[merge] {e}")
+
+
+if __name__ == "__main__":
+    main()
