@@ -1,0 +1,380 @@
+"""Post-training data (paper 4.2-4.4): a seeded generator of verifiable English/Korean tasks for
+CPU runs, readers for real chat datasets, and the SFT tokenisation with prompt masking.
+
+Record schema (what every reader returns and every stage consumes), one chat per record:
+    {"id": str, "lang": "en"|"ko", "domain": str,
+     "messages": [{"role": "user", "content": str}, ...,
+                  {"role": "assistant", "content": response, "reasoning_content": trace?}],
+     "task": {"kind": "exact", "answer": "632"} | {"kind": "ifeval", "constraints": [...]} | absent}
+`reasoning_content` present = a thinking-mode turn (<think>{trace}</think>{response}); absent = a
+non-thinking turn (</think>{response}); the tokenizer's chat template renders both (SPEC 4).
+`task` is what rl.py's verifiers grade; RL and evaluation prompts must carry it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import rl
+
+IGNORE_INDEX = -100
+_ROLES = {"system", "user", "assistant"}
+
+# ----------------------------------------------------------------------------------------
+# Generator: arithmetic (exact answers) and IFEval-style formatting tasks, en + ko
+# ----------------------------------------------------------------------------------------
+_OPS = {"add": "+", "sub": "-", "mul": "*"}
+_ASK = {"en": ["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {op} {b}."],
+        "ko": ["{a} {op} {b}는 얼마인가요?", "{a} {op} {b}를 계산하세요.", "{a} {op} {b}의 값을 구하세요."]}
+_PLACE = {"en": ["ones", "tens", "hundreds", "thousands", "ten-thousands"], "ko": ["일의 자리", "십의 자리", "백의 자리", "천의 자리", "만의 자리"]}
+_ANSWER = {"en": "Answer: {x}", "ko": "정답: {x}"}
+
+
+def _digits(n: int) -> list[int]:
+    return [int(c) for c in reversed(str(n))]
+
+
+def arithmetic_trace(a: int, b: int, op: str, lang: str) -> str:
+    """Column-by-column steps a tiny model can imitate (carries and borrows spelled out)."""
+    place, steps = _PLACE[lang], []
+    if op == "add":
+        da, db, carry = _digits(a), _digits(b), 0
+        for i in range(max(len(da), len(db))):
+            x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
+            s = x + y + carry
+            expr = f"{x} + {y}" + (f" + {carry}" if carry else "")
+            steps.append(f"{place[i]} {expr} = {s}" + (f", carry {s // 10}" if s >= 10 and lang == "en" else
+                                                      f", {s // 10} 올림" if s >= 10 else ""))
+            carry = s // 10
+    elif op == "sub":
+        da, db, borrow = _digits(a), _digits(b), 0
+        for i in range(len(da)):
+            x, y = da[i] - borrow, (db[i] if i < len(db) else 0)
+            borrow = int(x < y)
+            steps.append(f"{place[i]} {x + 10 * borrow} - {y} = {x + 10 * borrow - y}"
+                         + ((", borrow 1" if lang == "en" else ", 1 빌림") if borrow else ""))
+    else:  # 2-3 digit times a multiplier split into tens + ones: partial products
+        tens, ones = b - b % 10, b % 10
+        parts = [f"{a} * {tens} = {a * tens}"] if tens else []
+        parts.append(f"{a} * {ones} = {a * ones}")
+        steps = parts + ([f"{a * tens} + {a * ones} = {a * b}"] if tens else [])
+    result = {"add": a + b, "sub": a - b, "mul": a * b}[op]
+    return "; ".join(steps) + (f". So {a} {_OPS[op]} {b} = {result}." if lang == "en" else f". 따라서 {a} {_OPS[op]} {b} = {result}.")
+
+
+def arithmetic_task(rng: random.Random, lang: str) -> dict:
+    op = rng.choice(list(_OPS))
+    if op == "mul":
+        a, b = rng.randint(12, 999), rng.randint(2, 99)
+    else:
+        a, b = rng.randint(10, 9999), rng.randint(10, 9999)
+        if op == "sub" and b > a:
+            a, b = b, a
+    x = {"add": a + b, "sub": a - b, "mul": a * b}[op]
+    prompt = rng.choice(_ASK[lang]).format(a=a, op=_OPS[op], b=b)
+    return {"lang": lang, "domain": "Math", "prompt": prompt, "task": {"kind": "exact", "answer": str(x)},
+            "direct": f"{a} {_OPS[op]} {b} = {x}", "trace": arithmetic_trace(a, b, op, lang),
+            "final": _ANSWER[lang].format(x=x)}
+
+
+# Topic banks: short comma-free sentences, so every constraint below can be met by construction.
+_TOPICS = {
+    "en": {"the sea": ["The sea is wide and deep", "Waves move with the wind", "Many fish live in the sea"],
+           "coffee": ["Coffee is made from roasted beans", "Many people drink coffee in the morning", "Coffee can keep you awake"],
+           "trees": ["Trees make oxygen", "Old trees can be very tall", "Birds build nests in trees"],
+           "the moon": ["The moon circles the earth", "The moon has no air", "The moon changes shape each night"],
+           "music": ["Music can change your mood", "Some songs are very old", "People play music together"],
+           "rain": ["Rain falls from clouds", "Plants need rain to grow", "Rain makes the streets wet"],
+           "books": ["Books hold many stories", "Reading books builds vocabulary", "A library lends books"],
+           "cats": ["Cats sleep for many hours", "A cat can see in dim light", "Cats like warm places"]},
+    "ko": {"바다": ["바다는 넓고 깊습니다", "파도는 바람을 따라 움직입니다", "바다에는 많은 물고기가 삽니다"],
+           "커피": ["커피는 볶은 원두로 만듭니다", "많은 사람이 아침에 커피를 마십니다", "커피는 잠을 깨워 줍니다"],
+           "나무": ["나무는 산소를 만듭니다", "오래된 나무는 매우 높습니다", "새는 나무에 둥지를 짓습니다"],
+           "달": ["달은 지구 주위를 돕니다", "달에는 공기가 없습니다", "달은 밤마다 모양이 바뀝니다"],
+           "음악": ["음악은 기분을 바꿀 수 있습니다", "어떤 노래는 아주 오래되었습니다", "사람들은 함께 음악을 연주합니다"],
+           "비": ["비는 구름에서 내립니다", "식물은 자라려면 비가 필요합니다", "비가 오면 거리가 젖습니다"],
+           "책": ["책에는 많은 이야기가 있습니다", "책을 읽으면 어휘가 늘어납니다", "도서관은 책을 빌려 줍니다"],
+           "고양이": ["고양이는 오래 잠을 잡니다", "고양이는 어두운 곳에서도 봅니다", "고양이는 따뜻한 곳을 좋아합니다"]},
+}
+_ENDING = {"en": "Is there anything else?", "ko": "더 궁금한 점이 있나요?"}
+_WRITE = {"en": "Write about {t}.", "ko": "{t}에 대해 써 주세요."}
+_INSTR = {  # constraint -> (en instruction, ko instruction)
+    "lowercase": ("Use only lowercase letters.", None),
+    "uppercase": ("Use only uppercase letters.", None),
+    "no_commas": ("Do not use any commas.", "쉼표를 사용하지 마세요."),
+    "include_keyword": ("Include the word \"{word}\".", "\"{word}\"라는 단어를 포함하세요."),
+    "ends_with": ("End your answer with \"{phrase}\"", "답변을 \"{phrase}\"로 끝내세요."),
+    "bullet_count": ("Use exactly {n} bullet points.", "정확히 {n}개의 글머리 기호를 사용하세요."),
+    "json_format": ("Answer in JSON format.", "JSON 형식으로 답하세요."),
+    "max_words": ("Answer in at most {n} words.", "{n}단어 이하로 답하세요."),
+    "max_sentences": ("Answer in at most {n} sentences.", "{n}문장 이하로 답하세요."),
+    "language": ("Answer in {name} only.", "{name}로만 답하세요."),
+}
+_LANG_NAME = {"en": {"en": "English", "ko": "Korean"}, "ko": {"en": "영어", "ko": "한국어"}}
+
+
+def instruction_task(rng: random.Random, lang: str) -> dict:
+    """One or two IFEval-style constraints on a short text about a topic; the response is built
+    to satisfy them (checked with rl.py's verifiers) and the trace states the plan (thinking mode)."""
+    ti = rng.randrange(len(_TOPICS["en"]))
+    topic = list(_TOPICS[lang])[ti]
+    first = rng.choice([k for k, v in _INSTR.items() if v[lang == "ko"] is not None])
+    picked = [first]
+    if first != "json_format" and rng.random() < 0.5:
+        picked.append(rng.choice(sorted({"no_commas", "include_keyword", "ends_with"} - {first})))
+    out_lang = rng.choice(["en", "ko"]) if first == "language" else lang
+    body = list(_TOPICS[out_lang].values())[ti][:rng.randint(1, 3)]
+    if first == "max_words":
+        body = body[:1]
+    ending = _ENDING[out_lang].lower() if first == "lowercase" else _ENDING[out_lang].upper() if first == "uppercase" \
+        else _ENDING[out_lang]
+    if first == "bullet_count":
+        text = "\n".join(f"* {s}" for s in body)
+    elif first == "json_format":
+        text = json.dumps({"topic": list(_TOPICS[out_lang])[ti], "points": body}, ensure_ascii=False)
+    else:
+        text = ". ".join(body) + "."
+    text = text.lower() if first == "lowercase" else text.upper() if first == "uppercase" else text
+    if "ends_with" in picked:
+        text = f"{text} {ending}"
+    cons = []
+    for k in picked:  # parameters read off the final text, so the response meets them by construction
+        c = {"type": k}
+        if k == "include_keyword":
+            c["word"] = rng.choice([w for s in body for w in s.split() if len(w) > 3] or body[0].split())
+        elif k == "ends_with":
+            c["phrase"] = ending
+        elif k == "bullet_count":
+            c["n"] = len(body)
+        elif k == "max_sentences":
+            c["n"] = len(rl._sentences(text))
+        elif k == "max_words":
+            c["n"] = len(text.split()) + rng.randint(0, 3)
+        elif k == "language":
+            c["lang"] = out_lang
+        cons.append(c)
+    bad = [c["type"] for c in cons if not rl.check_constraint(text, c)]
+    if bad:
+        raise AssertionError(f"instruction_task built a response that fails {bad}: {text!r}")
+    instr = " ".join(_INSTR[c["type"]][lang == "ko"].format(
+        word=c.get("word", ""), phrase=c.get("phrase", ""), n=c.get("n", ""),
+        name=_LANG_NAME[lang].get(c.get("lang", ""), "")) for c in cons)
+    names = ", ".join(c["type"] for c in cons)
+    trace = (f"Topic: {topic}. Rules: {names}. Plan: write {len(body)} short point(s) and check each rule."
+             if lang == "en" else f"주제: {topic}. 규칙: {names}. 계획: {len(body)}개의 짧은 내용을 쓰고 규칙을 확인합니다.")
+    return {"lang": lang, "domain": "Instruction Following", "prompt": _WRITE[lang].format(t=topic) + " " + instr,
+            "task": {"kind": "ifeval", "constraints": cons}, "direct": text, "trace": trace, "final": text}
+
+
+def _record(t: dict, mode: str, idx: str) -> dict:
+    asst = {"role": "assistant", "content": t["direct"] if mode == "non_thinking" else t["final"]}
+    if mode == "thinking":
+        asst["reasoning_content"] = t["trace"]
+    return {"id": idx, "lang": t["lang"], "domain": t["domain"], "task": t["task"],
+            "messages": [{"role": "user", "content": t["prompt"]}, asst]}
+
+
+def is_heldout(prompt: str, every: int) -> bool:
+    """Deterministic split by prompt text: an eval prompt never appears in any training set."""
+    return int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % every == 0
+
+
+def generate_tasks(n: int, seed: int, mix: dict, heldout: bool, heldout_every: int = 10) -> list[dict]:
+    """n tasks drawn by `mix` = {"<domain_kind>/<lang>": weight} (kinds: arithmetic, instruction)."""
+    rng = random.Random(seed)
+    keys, weights = list(mix), [float(v) for v in mix.values()]
+    make = {"arithmetic": arithmetic_task, "instruction": instruction_task}
+    out, seen, tries = [], set(), 0
+    while len(out) < n:
+        tries += 1
+        if tries > 50 * n + 1000:
+            raise RuntimeError(f"generate_tasks: only {len(out)} of {n} distinct tasks found; lower n or widen the mix")
+        kind, lang = rng.choices(keys, weights)[0].split("/")
+        t = make[kind](rng, lang)
+        if t["prompt"] in seen or is_heldout(t["prompt"], heldout_every) != heldout:
+            continue
+        seen.add(t["prompt"])
+        out.append(t)
+    return out
+
+
+def build_dataset(kind: str, tasks: list[dict]) -> list[dict]:
+    """sft_instruct: non-thinking only; sft_reasoning: thinking only; mod: both modes of the same
+    prompt (paper 4.3); rl / eval: the prompt + task (the stage adds the mode tag, paper 4.4)."""
+    out = []
+    for i, t in enumerate(tasks):
+        modes = {"sft_instruct": ["non_thinking"], "sft_reasoning": ["thinking"],
+                 "mod": ["thinking", "non_thinking"], "rl": [None], "eval": [None]}[kind]
+        for m in modes:
+            if m is None:
+                out.append({"id": f"{kind}-{i}", "lang": t["lang"], "domain": t["domain"], "task": t["task"],
+                            "messages": [{"role": "user", "content": t["prompt"]}]})
+            else:
+                out.append(_record(t, m, f"{kind}-{i}-{m}"))
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Readers for real chat data: schema check with per-reason bad-record counts
+# ----------------------------------------------------------------------------------------
+def check_record(rec, mode: str | None) -> str | None:
+    """The reason a record is unusable, or None. mode: thinking / non_thinking / any (either, as
+    its last turn says) / None (a prompt for RL or evaluation: must end with the user turn)."""
+    if not isinstance(rec, dict):
+        return "record is not an object"
+    msgs = rec.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        return "missing or empty messages"
+    for m in msgs:
+        if not isinstance(m, dict) or m.get("role") not in _ROLES:
+            return "message role not in system/user/assistant"
+        if not isinstance(m.get("content"), str):
+            return "message content is not a string"
+        if "<think>" in m["content"] or "</think>" in m["content"]:
+            return "raw think tag in content (use reasoning_content)"
+    if mode is None:
+        return None if msgs[-1]["role"] == "user" else "last message is not from the user"
+    last = msgs[-1]
+    if last["role"] != "assistant" or len(msgs) < 2:
+        return "last message is not an assistant reply to a prompt"
+    if not last["content"].strip():
+        return "empty assistant content"
+    rc = last.get("reasoning_content")
+    if mode == "any":  # MOD: each record is one mode; its pair shares the prompt
+        mode = "non_thinking" if rc is None else "thinking"
+    if mode == "thinking" and not (isinstance(rc, str) and rc.strip()):
+        return "thinking-mode record without reasoning_content"
+    if mode == "non_thinking" and rc is not None:
+        return "non-thinking record carries reasoning_content"
+    return None
+
+
+def _drop_nulls(row: dict) -> dict:
+    """Columnar formats give every message every field (a user turn gets reasoning_content=None);
+    a null field means absent in the record schema."""
+    if isinstance(row.get("messages"), list):
+        row["messages"] = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m
+                           for m in row["messages"]]
+    return row
+
+
+def read_rows(path: str | Path):
+    """Rows of a local .jsonl / .parquet file or a `datasets.save_to_disk` directory."""
+    p = Path(path)
+    if p.is_dir():
+        import datasets
+        yield from (_drop_nulls(dict(r)) for r in datasets.load_from_disk(str(p)))
+    elif p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        yield from (_drop_nulls(r) for r in pq.read_table(p).to_pylist())
+    elif p.suffix in (".jsonl", ".json"):
+        with p.open(encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError:
+                        yield None  # counted as a bad record by the caller
+    else:
+        raise ValueError(f"{p}: expected .jsonl, .parquet or a datasets directory")
+
+
+def read_source(path: str | Path, mode: str | None) -> tuple[list[dict], Counter]:
+    """Good records + Counter of bad-record reasons (reported by the stage, never silently dropped)."""
+    good, bad = [], Counter()
+    for i, rec in enumerate(read_rows(path)):
+        why = "invalid JSON" if rec is None else check_record(rec, mode)
+        if why:
+            bad[why] += 1
+            continue
+        rec.setdefault("id", f"{Path(path).name}:{i}")
+        good.append(rec)
+    return good, bad
+
+
+def mix_sources(sources: dict[str, list[dict]], weights: dict[str, float], n: int, seed: int) -> list[dict]:
+    """n records drawn so that each source's share follows its weight (e.g. Table 3's ratio of
+    its domain x language cell); a small source is cycled (upsampled) to reach its share."""
+    total = sum(weights[s] for s in sources if sources[s])
+    rng, out = random.Random(seed), []
+    for name, recs in sources.items():
+        if not recs or weights.get(name, 0) <= 0:
+            continue
+        k = round(n * weights[name] / total)
+        order = list(range(len(recs)))
+        rng.shuffle(order)
+        out += [recs[order[j % len(recs)]] for j in range(k)]
+    rng.shuffle(out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# SFT tokenisation: loss on the response only
+# ----------------------------------------------------------------------------------------
+def encode_chat(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """input_ids of the whole chat and labels that are IGNORE_INDEX on every prompt token.
+
+    The prompt is everything up to and including the mode tag the template opens the last
+    assistant turn with (<think> or </think>): the user picks the mode at inference (paper 4.4),
+    so the model is trained on what follows it: reasoning, </think>, response and <|eos|>.
+    """
+    thinking = messages[-1].get("reasoning_content") is not None
+    full = tok.apply_chat_template(messages, tokenize=False)
+    prompt = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True,
+                                     enable_thinking=thinking)
+    if not full.startswith(prompt):
+        raise ValueError("chat template: the prompt rendering is not a prefix of the full chat")
+    ids = tok(full, add_special_tokens=False)["input_ids"]
+    n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    if ids[:n_prompt] != tok(prompt, add_special_tokens=False)["input_ids"]:
+        raise ValueError("chat template: prompt tokens differ inside the full chat (tokenizer merges across the boundary)")
+    return ids, [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
+
+
+def encode_prompt(tok, messages: list[dict], mode: str) -> list[int]:
+    """The RL / evaluation prompt: chat + <|assistant|> + the mode's control tag (paper 4.4)."""
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                   enable_thinking=(mode == "thinking"))
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+# ----------------------------------------------------------------------------------------
+# One entry point for the stages: conf/posttrain_data/*.yaml -> records of a dataset kind
+# ----------------------------------------------------------------------------------------
+_MODE_OF = {"sft_instruct": "non_thinking", "sft_reasoning": "thinking", "mod": "any", "rl": None, "eval": None}
+_SEED_OFFSET = {"sft_instruct": 1, "sft_reasoning": 2, "mod": 3, "rl": 4, "eval": 5}
+
+
+def load_posttrain(pd, kind: str) -> tuple[list[dict], dict]:
+    """Records for `kind` (sft_instruct | sft_reasoning | mod | rl | eval) and a report
+    {"n": ..., "bad": {source: {reason: count}}, "weights": {source: weight}}."""
+    if kind not in _MODE_OF:
+        raise ValueError(f"dataset kind {kind!r}: expected one of {sorted(_MODE_OF)}")
+    if pd.kind == "synthetic":
+        tasks = generate_tasks(int(pd.sizes[kind]), int(pd.seed) * 100 + _SEED_OFFSET[kind], dict(pd.mix[kind]),
+                               heldout=(kind == "eval"), heldout_every=int(pd.heldout_every))
+        recs = build_dataset(kind, tasks)
+        return recs, {"n": len(recs), "bad": {}, "weights": dict(pd.mix[kind])}
+    if pd.kind != "files":
+        raise ValueError(f"posttrain_data/{pd.name}.yaml kind={pd.kind!r}: expected 'synthetic' or 'files'")
+    srcs = pd.sources.get(kind) or []
+    if not srcs:
+        raise ValueError(f"posttrain_data/{pd.name}.yaml sources.{kind}: no sources listed")
+    loaded, bad, weights = {}, {}, {}
+    cell_count = Counter((s["lang"], s["domain"]) for s in srcs)
+    for s in srcs:
+        name = s.get("name", str(s["path"]))
+        recs, why = read_source(s["path"], _MODE_OF[kind])
+        for r in recs:
+            r.setdefault("lang", s["lang"])
+            r.setdefault("domain", s["domain"])
+        loaded[name], bad[name] = recs, dict(why)
+        table = (pd.get("table3") or {}).get(kind)
+        # Table 3 gives the share of each (language, domain) cell; sources in one cell split it.
+        weights[name] = (float(table[s["lang"]][s["domain"]]) if table else 1.0) / cell_count[(s["lang"], s["domain"])]
+    n = int(pd.sizes[kind]) if pd.get("sizes") and pd.sizes.get(kind) else sum(len(v) for v in loaded.values())
+    return mix_sources(loaded, weights, n, int(pd.seed)), {"n": n, "bad": bad, "weights": weights}
