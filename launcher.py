@@ -1,0 +1,360 @@
+"""Run stages on this machine (torchrun) or on Slurm (submitit), chain them, show their state.
+
+    python launcher.py run pretrain stage=pretrain_s1 launcher=slurm      # one stage
+    python launcher.py chain pretrain launcher=slurm model=tiny           # a named chain (CHAINS)
+    python launcher.py chain pretrain:pretrain_s1 pretrain:pretrain_s2 launcher=slurm --wait
+    python launcher.py status [--runs runs]                               # every stage under runs/
+    python launcher.py check pretrain hardware=h200_1536 parallelism=axk1_pretrain model=axk1_519b
+
+A spec is SCRIPT[:STAGE][,OVERRIDE...], several joined by `+` run side by side: SCRIPT names
+stages/SCRIPT.py and its config conf/SCRIPT.yaml, STAGE adds `stage=STAGE`, and the overrides
+apply to that stage only. Each spec waits for every job of the spec before it (Slurm afterok;
+kill-on-invalid-dep cancels the dependants of a failed stage). Arguments with `=` are Hydra
+overrides for every stage. The config is composed and checked (configs.errors) before anything
+is submitted; a bad combination stops here with one line.
+
+On Slurm each task of a job is one rank: SlurmTask exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*
+from the Slurm environment and calls the stage's run(cfg) in-process. A job that times out or is
+preempted is requeued by submitit (Checkpointable), and one requeued by Slurm restarts the same
+pickled task; either way run() resumes from <run_dir>/checkpoints/latest. Hydra multirun
+(`stages/pretrain.py -m ...`) goes through hydra-submitit-launcher, wired up by
+conf/launcher/*.yaml; HydraCallback below does the check and the rank export there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import submitit
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+ROOT = Path(__file__).resolve().parent
+CHAINS = {  # SPEC 3 (pre-training stages) and SPEC 4 (Think-Fusion post-training)
+    "pretrain": ["pretrain:pretrain_s1", "pretrain:pretrain_s2", "pretrain:pretrain_s3_16k",
+                 "pretrain:pretrain_s3_32k"],
+    "post": ["sft:sft_instruct+sft:sft_reasoning", "merge", "sft:mod_sft", "rl", "evaluate"],
+}
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+            "BOOT_FAIL", "DEADLINE", "PREEMPTED", "SPECIAL_EXIT"}
+
+
+class LaunchError(RuntimeError):
+    """A problem the user fixes in the config or the command line; printed as one line."""
+
+
+# ---------------------------------------------------------------------------------------
+# Config: compose exactly what the stage's own @hydra.main would, then check it.
+# ---------------------------------------------------------------------------------------
+def compose(script: str, overrides: list[str], conf_dir: Path) -> DictConfig:
+    """The stage's config with the hydra node, interpolations resolved (what the job will see)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    if not (conf_dir / f"{script}.yaml").exists():
+        raise LaunchError(f"no config {conf_dir / script}.yaml for stage script {script}")
+    with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base="1.3", job_name=script):
+        cfg = hydra_compose(config_name=script, overrides=overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)  # lets ${hydra:...} interpolations resolve
+        job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        OmegaConf.resolve(job)
+    return job
+
+
+def config_errors(cfg: DictConfig) -> list[str]:
+    """Hardware x parallelism x model x batch problems; launcher-specific ones first."""
+    out = []
+    hw = cfg.hardware
+    if hw.device == "cuda" and hw.procs_per_node != hw.gpus_per_node:
+        out.append(f"hardware/{hw.name}.yaml: procs_per_node={hw.procs_per_node} must equal "
+                   f"gpus_per_node={hw.gpus_per_node} (one rank per GPU)")
+    if "stage" in cfg and "budget" in cfg.stage:  # the training stages; configs.py is the lead's checker
+        import configs
+        out += configs.errors(cfg)
+    return out
+
+
+def check(cfg: DictConfig) -> None:
+    errs = config_errors(cfg)
+    if errs:
+        more = f" (+{len(errs) - 1} more; `launcher.py check` lists all)" if len(errs) > 1 else ""
+        raise LaunchError(f"refused before submission: {errs[0]}{more}")
+
+
+# ---------------------------------------------------------------------------------------
+# What runs inside each Slurm task.
+# ---------------------------------------------------------------------------------------
+def load_stage(script_path: str):
+    spec = importlib.util.spec_from_file_location(f"axk1_stage_{Path(script_path).stem}", script_path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def export_dist_env() -> None:
+    """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from the submitit (Slurm or local) job.
+    CUDA_VISIBLE_DEVICES stays whole: the stages pick cuda:LOCAL_RANK as under torchrun."""
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+
+
+class SlurmTask(submitit.helpers.Checkpointable):
+    """One rank of a stage. Checkpointable: on timeout/preemption submitit requeues this same
+    object, and run() resumes from the stage's latest checkpoint (nothing lost or repeated)."""
+
+    def __init__(self, script_path: str, cfg_yaml: str):
+        self.script_path, self.cfg_yaml = script_path, cfg_yaml
+
+    def __call__(self) -> dict:
+        export_dist_env()
+        env = submitit.JobEnvironment()
+        logging.basicConfig(level=logging.INFO, format=f"[rank{env.global_rank}] %(asctime)s %(name)s: %(message)s")
+        logging.getLogger("submitit").propagate = False  # it has its own handler
+        print(f"[launcher] job {env.job_id} task {env.global_rank}/{env.num_tasks} on {env.hostname}, "
+              f"restart {os.environ.get('SLURM_RESTART_COUNT', '0')}", flush=True)
+        stage = load_stage(self.script_path)
+        try:
+            return stage.run(OmegaConf.create(self.cfg_yaml))
+        finally:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+class HydraCallback(Callback):
+    """Hydra multirun through hydra-submitit-launcher (conf/launcher/*.yaml installs it)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        # Check the base config once, before any job is submitted; the tasks need this repo
+        # importable (they unpickle the stage's code), and sbatch/local jobs inherit os.environ.
+        job = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+        try:
+            check(job)
+        except LaunchError as e:
+            sys.exit(f"axk1: {e}")
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        if os.environ.get("SUBMITIT_EXECUTOR"):  # inside a submitit job: one task per rank
+            export_dist_env()
+
+
+# ---------------------------------------------------------------------------------------
+# Submission.
+# ---------------------------------------------------------------------------------------
+def slurm_executor(cfg: DictConfig, folder: Path, name: str, after: list[str]) -> submitit.AutoExecutor:
+    hw, la = cfg.hardware, cfg.launcher
+    # Cluster-specific settings live in the launcher config; a hardware config may override
+    # them for its cluster under `slurm:` (e.g. partition, constraint).
+    sl = {**OmegaConf.to_container(la), **OmegaConf.to_container(hw.get("slurm") or OmegaConf.create())}
+    extra = {"requeue": True, "kill-on-invalid-dep": "yes", **(sl.get("additional_parameters") or {})}
+    if after:
+        extra["dependency"] = "afterok:" + ":".join(after)
+    ex = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=sl["max_requeues"])
+    params = dict(
+        name=name, nodes=hw.nodes, tasks_per_node=hw.procs_per_node, cpus_per_task=hw.cpus_per_task,
+        gpus_per_node=hw.gpus_per_node or None, mem_gb=hw.mem_gb, timeout_min=sl["timeout_min"],
+        slurm_partition=sl.get("partition"), slurm_account=sl.get("account"), slurm_qos=sl.get("qos"),
+        slurm_constraint=sl.get("constraint"), slurm_exclusive=sl.get("exclusive"),
+        slurm_signal_delay_s=sl["signal_delay_s"], slurm_additional_parameters=extra,
+        slurm_srun_args=list(sl.get("srun_args") or []),
+        # The tasks import this repo (stages, model code) whatever the submitting shell had set.
+        slurm_setup=[f"export PYTHONPATH={ROOT}${{PYTHONPATH:+:$PYTHONPATH}}",
+                     "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}",
+                     *(sl.get("setup") or [])],
+    )
+    ex.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    return ex
+
+
+def record(run_dir: Path, **fields) -> None:
+    """Append to <run_dir>/jobs.jsonl: what was launched there, for `status`."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fields["time"] = datetime.datetime.now().isoformat(timespec="seconds")
+    with open(run_dir / "jobs.jsonl", "a") as f:
+        f.write(json.dumps(fields) + "\n")
+
+
+def submit_slurm(script_path: Path, cfg: DictConfig, overrides: list[str], after: list[str]) -> str:
+    run_dir = Path(cfg.run_dir).resolve()
+    name = "-".join(["axk1", *(str(v) for v in (OmegaConf.select(cfg, "model.name"),
+                                                  OmegaConf.select(cfg, "stage.name", default=script_path.stem)) if v)])
+    ex = slurm_executor(cfg, run_dir / "slurm" / "%j", name, after)
+    job = ex.submit(SlurmTask(str(script_path.resolve()), OmegaConf.to_yaml(cfg)))
+    # The resolved config and the overrides beside the job's logs (<run_dir>/slurm/<job id>/).
+    folder = Path(job.paths.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (folder / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
+    record(run_dir, launcher="slurm", job_id=job.job_id, after=after, folder=str(folder), overrides=overrides)
+    return job.job_id
+
+
+def run_local(script_path: Path, cfg: DictConfig, overrides: list[str]) -> int:
+    """torchrun on this machine with hardware.procs_per_node ranks; the stage composes the same
+    config itself from the same overrides (and Hydra saves it under <run_dir>/hydra)."""
+    run_dir = Path(cfg.run_dir).resolve()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={cfg.hardware.procs_per_node}", str(script_path), *overrides]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    record(run_dir, launcher="local", state="RUNNING", overrides=overrides)
+    print(f"[launcher] {' '.join(cmd)}", flush=True)
+    rc = subprocess.call(cmd, env=env)
+    record(run_dir, launcher="local", state="COMPLETED" if rc == 0 else "FAILED", returncode=rc)
+    return rc
+
+
+def parse_spec(spec: str, stages_dir: Path) -> list[tuple[Path, list[str]]]:
+    out = []
+    for part in spec.split("+"):
+        head, *extra = part.split(",")
+        script, _, stage = head.partition(":")
+        path = stages_dir / f"{script}.py"
+        if not path.exists():
+            raise LaunchError(f"no stage script {path} (spec {part!r})")
+        out.append((path, ([f"stage={stage}"] if stage else []) + extra))
+    return out
+
+
+def chain(specs: list[str], overrides: list[str], stages_dir: Path, conf_dir: Path, wait: bool) -> int:
+    """Compose and check every stage first, then launch; returns a process exit code."""
+    steps = [[(path, stage_ov + overrides) for path, stage_ov in parse_spec(s, stages_dir)] for s in specs]
+    composed = [[(path, ov, compose(path.stem, ov, conf_dir)) for path, ov in step] for step in steps]
+    for step in composed:
+        for path, ov, cfg in step:
+            check(cfg)
+    mode = OmegaConf.select(composed[0][0][2], "launcher.name", default="local")
+    if mode == "local":  # one stage after another; the first failure stops its dependants
+        for i, step in enumerate(composed):
+            for path, ov, cfg in step:
+                if run_local(path, cfg, ov) != 0:
+                    left = [OmegaConf.select(c, "stage.name", default=p.stem) for s in composed[i + 1:] for p, _, c in s]
+                    print(f"[launcher] {path.stem} failed; not started: {', '.join(left) or 'none'}")
+                    return 1
+        return 0
+    jobs, after = [], []
+    for step in composed:
+        ids = [submit_slurm(path, cfg, ov, after) for path, ov, cfg in step]
+        for (path, ov, cfg), jid in zip(step, ids):
+            label = OmegaConf.select(cfg, "stage.name", default=path.stem)
+            print(f"{label}\t{jid}\t{'afterok:' + ':'.join(after) if after else 'no dependency'}\t"
+                  f"{Path(cfg.run_dir).resolve()}", flush=True)
+            jobs.append((label, jid))
+        after = ids
+    return wait_jobs(jobs) if wait else 0
+
+
+# ---------------------------------------------------------------------------------------
+# State: Slurm's view of a job, and every stage's view of its run directory.
+# ---------------------------------------------------------------------------------------
+def slurm_state(job_id: str) -> str:
+    """PENDING/RUNNING/COMPLETED/FAILED/... from scontrol (live and recently finished jobs),
+    else sacct (older jobs, where accounting is configured), else UNKNOWN."""
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+        for field in out.stdout.split():
+            if field.startswith("JobState="):
+                return field.split("=", 1)[1]
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id],
+                             capture_output=True, text=True, timeout=30)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.split()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return "UNKNOWN"
+
+
+def wait_jobs(jobs: list[tuple[str, str]], poll_s: float = 3.0) -> int:
+    """Wait until every job has finished; exit code 0 only if all COMPLETED."""
+    last: dict[str, str] = {}
+    while True:
+        states = {jid: slurm_state(jid) for _, jid in jobs}
+        for label, jid in jobs:
+            if states[jid] != last.get(jid):
+                print(f"[launcher] {label} ({jid}): {states[jid]}", flush=True)
+        last = states
+        if all(s in FINISHED for s in states.values()):
+            return 0 if all(s == "COMPLETED" for s in states.values()) else 1
+        time.sleep(poll_s)
+
+
+def stage_state(run_dir: Path) -> dict:
+    jobs = [json.loads(line) for line in (run_dir / "jobs.jsonl").read_text().splitlines()] \
+        if (run_dir / "jobs.jsonl").exists() else []
+    latest = run_dir / "checkpoints" / "latest"
+    row = {"stage": f"{run_dir.parent.name}/{run_dir.name}", "job": "-",
+           "checkpoint": latest.read_text().strip() if latest.exists() else "-"}
+    if (run_dir / "DONE.json").exists():
+        done = json.loads((run_dir / "DONE.json").read_text())
+        row["state"] = "DONE"
+        row["detail"] = f"final_loss {done['final_loss']:.4f}" if "final_loss" in done else ""
+    elif jobs:
+        last = jobs[-1]
+        row["job"] = last.get("job_id", "local")
+        row["state"] = slurm_state(last["job_id"]) if last["launcher"] == "slurm" else last.get("state", "UNKNOWN")
+        row["detail"] = f"after {','.join(last['after'])}" if last.get("after") else ""
+    else:
+        row["state"], row["detail"] = ("STOPPED" if latest.exists() else "NOT STARTED"), ""
+    return row
+
+
+def status(runs: Path) -> list[dict]:
+    dirs = sorted({p.parent for pat in ("*/*/jobs.jsonl", "*/*/DONE.json", "*/*/checkpoints")
+                   for p in runs.glob(pat)}, key=lambda d: d.stat().st_mtime)
+    return [stage_state(d) for d in dirs]
+
+
+# ---------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="launcher.py", description=__doc__.split("\n")[0])
+    ap.add_argument("command", choices=["run", "chain", "status", "check"])
+    ap.add_argument("args", nargs="*", help="stage specs (SCRIPT[:STAGE]) and Hydra overrides (key=value)")
+    ap.add_argument("--wait", action="store_true", help="Slurm: wait for the jobs and fail if any failed")
+    ap.add_argument("--runs", default="runs", help="status: the runs folder (paths.runs)")
+    ap.add_argument("--stages-dir", default=str(ROOT / "stages"), type=Path)
+    ap.add_argument("--conf-dir", default=str(ROOT / "conf"), type=Path)
+    a = ap.parse_intermixed_args(argv)
+    specs = [x for x in a.args if "=" not in x]
+    overrides = [x for x in a.args if "=" in x]
+    try:
+        if a.command == "status":
+            rows = status(Path(a.runs))
+            print(f"{'STAGE':32} {'STATE':12} {'JOB':10} {'CHECKPOINT':22} DETAIL")
+            for r in rows:
+                print(f"{r['stage']:32} {r['state']:12} {r['job']:10} {r['checkpoint']:22} {r.get('detail', '')}")
+            if not rows:
+                print(f"(no stage has run under {a.runs}/)")
+            return 0
+        if not specs:
+            raise LaunchError(f"{a.command}: name a stage script (e.g. pretrain) or a chain ({', '.join(CHAINS)})")
+        if a.command == "check":
+            for path, ov in parse_spec(specs[0], a.stages_dir):
+                cfg = compose(path.stem, ov + overrides, a.conf_dir)
+                errs = config_errors(cfg)
+                for e in errs:
+                    print(f"axk1: {e}", file=sys.stderr)
+                if errs:
+                    return 2
+                hw = cfg.hardware
+                print(f"ok: {path.stem} on {hw.nodes} x {hw.procs_per_node} ranks ({hw.name}), launcher {cfg.launcher.name}")
+            return 0
+        if a.command == "run" and len(specs) != 1:
+            raise LaunchError("run takes one spec; use chain for several")
+        if a.command == "chain" and len(specs) == 1 and specs[0] in CHAINS:
+            specs = CHAINS[specs[0]]
+        return chain(specs, overrides, a.stages_dir, a.conf_dir, a.wait)
+    except LaunchError as e:
+        print(f"axk1: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
