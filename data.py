@@ -98,22 +98,27 @@ def _synthetic(kind: str, n: int, seed: int, modules: list[str]) -> Iterator[str
             yield f"Question: What does `{qual}` do in Python?\n\nAnswer: {doc}"
         return
     for _ in range(n):
-        if kind == "math":
-            a, b, c = rng.randint(12, 999), rng.randint(3, 99), rng.randint(1, 500)
-            x = rng.randint(-40, 40)
-            k = rng.randint(2, 12)
-            yield (f"Problem: Compute {a} * {b} + {c}.\nSolution: {a} * {b} = {a * b}. Then {a * b} + {c} = "
-                   f"{a * b + c}. The answer is {a * b + c}.\n\nProblem: Solve {k}x + {c} = {k * x + c}.\n"
-                   f"Solution: Subtract {c}: {k}x = {k * x}. Divide by {k}: x = {x}.\n\n"
-                   f"문제: {a}와 {b}의 최대공약수를 구하시오.\n풀이: 유클리드 호제법을 쓰면 답은 {math.gcd(a, b)}이다.")
-        elif kind == "reasoning":
-            names = rng.sample(["Ada", "Ben", "Chloe", "Dan", "Eve", "Finn", "Gia", "Hana", "Ivan", "Jun"], rng.randint(3, 7))
-            facts = [f"{names[i]} is taller than {names[i + 1]}." for i in range(len(names) - 1)]
+        if kind == "math":  # 3-6 worked problems of mixed types per document
+            parts = []
+            for _ in range(rng.randint(3, 6)):
+                a, b, c, k, x = rng.randint(12, 999), rng.randint(3, 99), rng.randint(1, 500), rng.randint(2, 12), rng.randint(-40, 40)
+                parts.append(rng.choice([
+                    f"Problem: Compute {a} * {b} + {c}.\nSolution: {a} * {b} = {a * b}, and {a * b} + {c} = {a * b + c}.",
+                    f"Problem: Solve {k}x + {c} = {k * x + c}.\nSolution: Subtract {c} from both sides: {k}x = {k * x}. Divide by {k}: x = {x}.",
+                    f"문제: {a}와 {b}의 최대공약수를 구하시오.\n풀이: 유클리드 호제법으로 나머지를 반복해 구하면 최대공약수는 {math.gcd(a, b)}이다.",
+                    f"Problem: Sum the integers from 1 to {a}.\nSolution: By Gauss's pairing, the sum is {a} * {a + 1} / 2 = {a * (a + 1) // 2}."]))
+            yield "\n\n".join(parts)
+        elif kind == "reasoning":  # a shuffled chain of comparisons, solved step by step
+            rel = rng.choice(["taller", "older", "faster", "heavier", "richer", "stronger"])
+            names = rng.sample(["Ada", "Ben", "Chloe", "Dan", "Eve", "Finn", "Gia", "Hana", "Ivan", "Jun",
+                                "Kai", "Lea", "Min", "Noor", "Omar", "Pia"], rng.randint(4, 9))
+            facts = [f"{names[i]} is {rel} than {names[i + 1]}." for i in range(len(names) - 1)]
             rng.shuffle(facts)
-            steps = [f"Step {i + 1}: {names[i]} is taller than {names[i + 1]}, so {names[0]} is taller than "
-                     f"{names[i + 1]}." for i in range(len(names) - 1)]
-            yield ("Facts: " + " ".join(facts) + f"\nQuestion: Who is the tallest?\nLet us reason step by step.\n"
-                   + "\n".join(steps) + f"\nNo one is taller than {names[0]}. Answer: {names[0]}.")
+            steps = [f"Step {i + 1}: from the facts, {names[-i - 2]} beats {names[-i - 1]}, so the leader so far "
+                     f"is {names[-i - 2]}." for i in range(len(names) - 1)]
+            yield ("Facts: " + " ".join(facts) + f"\nQuestion: Who is the {rel}st of all {len(names)}?\n"
+                   "Let us reason from the bottom of the chain upwards.\n" + "\n".join(steps)
+                   + f"\nNo one is {rel} than {names[0]}. Answer: {names[0]}.")
         else:
             raise SystemExit(f"source kind=synthetic: unknown generator {kind!r} (qa, math, reasoning)")
 

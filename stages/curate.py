@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+import curation as C
 import data as D
 import tokenizer as tk
 
@@ -48,6 +50,137 @@ def read_sources(sources: dict, audit: dict) -> list[dict]:
         audit["bad_examples"] += st.get("bad_examples", [])
         print(f"[curate] source {name}: {st['docs']} docs, {st['bytes'] / 1e6:.2f} MB, bad {st.get('bad', {})}", flush=True)
     return docs
+
+
+def _executor(ex_cfg: dict, pipeline: list, tasks: int, name: str, work: Path, depends=None):
+    """datatrove executor: LocalPipelineExecutor here, SlurmPipelineExecutor on a cluster (same steps)."""
+    from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
+
+    logs = str(work / "logs" / name)
+    if ex_cfg.get("kind", "local") == "local":
+        return LocalPipelineExecutor(pipeline, tasks=tasks, workers=int(ex_cfg.get("workers", 1)),
+                                     logging_dir=logs, depends=depends, start_method="fork")
+    return SlurmPipelineExecutor(pipeline, tasks=tasks, job_name=f"axk1-{name}", logging_dir=logs, depends=depends,
+                                 time=ex_cfg["time"], partition=ex_cfg["partition"],
+                                 cpus_per_task=int(ex_cfg.get("cpus_per_task", 1)),
+                                 mem_per_cpu_gb=int(ex_cfg.get("mem_per_cpu_gb", 2)),
+                                 venv_path=ex_cfg.get("venv_path"), sbatch_args=ex_cfg.get("sbatch_args"))
+
+
+def filter_and_dedup(docs: list[dict], dc: DictConfig, work: Path, audit: dict) -> list[dict]:
+    """Heuristic filters + exact dedup, then MinHash near-dedup, as datatrove pipelines over JSONL."""
+    from datatrove.pipeline.dedup import (MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter,
+                                          MinhashDedupSignature)
+    from datatrove.pipeline.dedup.minhash import MinhashConfig
+    from datatrove.utils.hashing import HashConfig
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import JsonlWriter
+
+    ex = OmegaConf.to_container(dc.executor, resolve=True)
+    tasks = int(ex.get("tasks", 1))
+    raw = work / "raw"
+    raw.mkdir(parents=True)
+    # Input split into `tasks` files so each datatrove task reads one.
+    outs = [open(raw / f"{i:05d}.jsonl", "w") for i in range(tasks)]
+    for d in docs:
+        outs[d["id"] % tasks].write(json.dumps({"id": str(d["id"]), "text": d["text"], "source": d["source"],
+                                                "lang": d["lang"], "category": d["category"]}, ensure_ascii=False) + "\n")
+    for f in outs:
+        f.close()
+    filters = C.build_filters(OmegaConf.to_container(dc.filters, resolve=True))
+    mh = OmegaConf.to_container(dc.minhash, resolve=True)
+    mcfg = MinhashConfig(n_grams=int(mh["n_grams"]), num_buckets=int(mh["num_buckets"]),
+                         hashes_per_bucket=int(mh["hashes_per_bucket"]), seed=int(mh.get("seed", 1)),
+                         hash_config=HashConfig(hash_fc=mh.get("hash_fc", "sha1"), precision=64))
+    filt = _executor(ex, [JsonlReader(str(raw)), *filters, JsonlWriter(str(work / "filtered"), compression=None)],
+                     tasks, "filter", work)
+    filt.run()
+    if filt.get_incomplete_ranks():
+        raise SystemExit(f"[curate] datatrove filter jobs submitted (logs in {work / 'logs'}); re-run with "
+                         "data.resume=true once they finish")
+    # Kit-made sources (dedup: false) are templated on purpose: MinHash would fold them together,
+    # so they bypass near-dedup (they still went through the filters above).
+    no_dedup = {n for n, src in dc.sources.items() if not src.get("dedup", True)}
+    (work / "to_dedup").mkdir()
+    bypass = []
+    with open(work / "to_dedup" / "00000.jsonl", "w") as out:
+        for f in sorted((work / "filtered").glob("*.jsonl")):
+            for line in open(f):
+                rec = json.loads(line)
+                if rec.get("metadata", {}).get("source") in no_dedup:
+                    bypass.append(rec["id"])
+                else:
+                    out.write(line)
+    sig = _executor(ex, [JsonlReader(str(work / "to_dedup")), MinhashDedupSignature(str(work / "sigs"), mcfg, language=C.WORDS)],
+                    1, "minhash1", work)
+    buck = _executor(ex, [MinhashDedupBuckets(str(work / "sigs"), str(work / "buckets"), config=mcfg)],
+                     mcfg.num_buckets, "minhash2", work, depends=sig)
+    clus = _executor(ex, [MinhashDedupCluster(str(work / "buckets"), str(work / "remove_ids"), config=mcfg)],
+                     1, "minhash3", work, depends=buck)
+    last = _executor(ex, [JsonlReader(str(work / "to_dedup")),
+                          MinhashDedupFilter(str(work / "remove_ids"),
+                                             exclusion_writer=JsonlWriter(str(work / "near_dups"), compression=None)),
+                          JsonlWriter(str(work / "deduped"), compression=None)], 1, "minhash4", work, depends=clus)
+    last.run()
+    if last.get_incomplete_ranks():  # Slurm: jobs were submitted; the tail runs on the next call
+        raise SystemExit(f"[curate] datatrove jobs submitted (logs in {work / 'logs'}); re-run this command "
+                         "with data.resume=true once they finish")
+    # Drop counts per reason from datatrove's own stats of the filter run.
+    for step in json.loads((work / "logs" / "filter" / "stats.json").read_text()):
+        for key, val in step.get("stats", {}).items():
+            if key.startswith("dropped_"):
+                audit["drops"][f"{step['name'].split(': ')[-1]}:{key[8:]}"] = int(val["total"] if isinstance(val, dict) else val)
+    by_id = {str(d["id"]): d for d in docs}
+    kept = [by_id[i] for i in bypass]
+    for f in sorted((work / "deduped").glob("*.jsonl")):
+        for line in open(f):
+            kept.append(by_id[json.loads(line)["id"]])
+    n_filtered = sum(1 for f in (work / "filtered").glob("*.jsonl") for _ in open(f))
+    audit["drops"]["minhash:near_duplicate"] = n_filtered - len(kept)
+    kept.sort(key=lambda d: d["id"])
+    return kept
+
+
+def classify(docs: list[dict], dc: DictConfig, audit: dict) -> list[dict]:
+    """Model quality filter, domain classifier and difficulty scorer (paper 3.1)."""
+    rng = __import__("random").Random(int(dc.seed))
+    q = OmegaConf.to_container(dc.quality, resolve=True)
+    texts = [d["text"] for d in docs]
+    if q.get("enabled", True):
+        # Labelled data the kit makes: surviving documents are "good", corrupted copies are "bad".
+        sample = rng.sample(texts, min(len(texts), int(q.get("train_docs", 600))))
+        neg = [C.corrupt(t, rng) for t in sample]
+        clf = C.build_classifier(q, sample + neg, ["good"] * len(sample) + ["bad"] * len(neg), ["bad", "good"])
+        p_good = clf.predict_proba(texts)[:, clf.labels.index("good")]
+        keep = p_good >= float(q["threshold"])
+        audit["drops"]["quality_model:low_quality"] = int((~keep).sum())
+        docs = [dict(d, quality=float(p)) for d, p, k in zip(docs, p_good, keep) if k]
+    dm = OmegaConf.to_container(dc.domain, resolve=True)
+    if dm.get("enabled", True):
+        labels = sorted({d["category"] for d in docs})
+        idx = list(range(len(docs)))
+        rng.shuffle(idx)
+        n_eval = len(idx) // 5  # held-out accuracy goes into the manifest
+        tr, ev = idx[n_eval:], idx[:n_eval]
+        clf = C.build_classifier(dm, [docs[i]["text"] for i in tr], [docs[i]["category"] for i in tr], labels)
+        pred = clf.predict_proba([d["text"] for d in docs]).argmax(1)
+        acc = float(np.mean([clf.labels[pred[i]] == docs[i]["category"] for i in ev])) if ev else 1.0
+        audit["domain_classifier"] = {"labels": clf.labels, "heldout_accuracy": round(acc, 4), "heldout_docs": len(ev)}
+        relabelled = 0
+        for d, p in zip(docs, pred):
+            d["source_category"] = d["category"]
+            if dm.get("relabel", True) and d.get("lang") != "code":
+                relabelled += clf.labels[p] != d["category"]
+                d["category"] = clf.labels[p]
+        audit["domain_classifier"]["relabelled_docs"] = int(relabelled)
+    for d in docs:
+        d["difficulty"] = C.difficulty_score(d["text"])
+    return docs
+
+
+def select_stage(docs: list[dict], sel: dict) -> list[dict]:
+    q, wd = float(sel.get("min_quality", 0.0)), float(sel.get("web_min_difficulty", 0.0))
+    return [d for d in docs if d.get("quality", 1.0) >= q and (d["category"] != "Web" or d["difficulty"] >= wd)]
 
 
 def mix_stage(docs: list[dict], weights: dict, target_tokens: int, seed: int, stage: str) -> tuple[list[dict], dict]:
@@ -141,19 +274,31 @@ def main(cfg: DictConfig) -> None:
     docs = read_sources(OmegaConf.to_container(dc.sources, resolve=True), audit)
     for i, d in enumerate(docs):
         d["id"] = i
+    audit["docs_read"] = len(docs)
+    work = Path(dc.work_dir)
+    if not dc.get("resume", False) and work.exists():
+        shutil.rmtree(work)  # datatrove skips tasks it finds completed: a fresh run starts clean
+    t1 = time.time()
+    docs = filter_and_dedup(docs, dc, work, audit)
+    print(f"[curate] filters + dedup: {len(docs)} docs kept in {time.time() - t1:.1f}s; drops {audit['drops']}", flush=True)
+    t1 = time.time()
+    docs = classify(docs, dc, audit)
+    print(f"[curate] quality/domain/difficulty: {len(docs)} docs in {time.time() - t1:.1f}s; "
+          f"domain classifier {audit.get('domain_classifier')}", flush=True)
+    audit["docs_kept"] = len(docs)
 
     # Tokenize every surviving document once; stages reuse the ids (upsampled docs included).
     enc = tok.encode_batch([d["text"] for d in docs], add_special_tokens=False)
     tok_ids = {d["id"]: e.ids for d, e in zip(docs, enc)}
     for d in docs:
         d["n_tokens"] = len(tok_ids[d["id"]]) + 1
-        d.setdefault("difficulty", 0.5)
 
     root = Path(dc.root)
     tok_hash = _sha256_file(Path(dc.tokenizer_dir) / "tokenizer.json")
     for stage in D.STAGES:
         weights = OmegaConf.to_container(dc.mixture[stage])
-        chosen, mix = mix_stage(docs, weights, int(dc.stage_tokens[stage]), int(dc.seed), stage)
+        pool = select_stage(docs, OmegaConf.to_container(dc.stage_select.get(stage, {})))
+        chosen, mix = mix_stage(pool, weights, int(dc.stage_tokens[stage]), int(dc.seed), stage)
         chosen = curriculum_order(chosen, int(dc.seed), int(dc.get("curriculum_buckets", 4)))
         shards = write_stage(root / stage, chosen, tok_ids, eos_id=eos_id,
                              vocab_size=tok.get_vocab_size(), shard_tokens=int(dc.shard_tokens))
