@@ -320,7 +320,8 @@ def corrupt(text: str, rng: random.Random, kind: int | None = None) -> str:
     if kind == 2:
         kw = rng.sample(words, min(5, len(words))) or ["buy"]
         return " ".join(rng.choice(kw) for _ in range(max(20, len(words))))
-    return text.encode("utf-8").decode("latin-1", "replace")[: len(text)]
+    # mis-decoded bytes: UTF-8 read as Latin-1 leaves "Ã©", "â€™" and replacement characters
+    return "".join(c if rng.random() > 0.25 else rng.choice(["Ã©", "â€™", "Â", "\ufffd", "Ã¼"]) for c in text)
 
 
 def build_classifier(cfg: dict, train_texts: list[str], train_labels: list[str], labels: list[str]):
