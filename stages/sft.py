@@ -1,0 +1,194 @@
+"""Supervised fine-tuning (paper 4.2-4.3): config -> model -> parallelize -> data -> loop -> checkpoint.
+
+    python stages/sft.py stage=sft_instruct     # non-thinking data only, from the pre-trained model
+    python stages/sft.py stage=sft_reasoning    # thinking data only, from the same checkpoint
+    python stages/sft.py stage=mod_sft          # both modes per prompt, from the merged model
+
+Loss is the NLL of response tokens only (chat_data.encode_chat masks the prompt and the mode tag
+the user supplies). Chats are packed into fixed-length rows with positions restarting at every
+chat, so the document mask keeps chats from attending to each other. Resumes like pre-training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import chat_data  # noqa: E402
+import configs  # noqa: E402
+import tokenizer as tokmod  # noqa: E402
+import training  # noqa: E402
+
+IGNORE = chat_data.IGNORE_INDEX
+
+
+def pack_chats(encoded: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int, seed: int) -> dict:
+    """Greedy packing of (ids, labels) chats into rows: next-token inputs/targets per chat,
+    positions restarting at 0 per chat (and for the padding tail)."""
+    order = list(range(len(encoded)))
+    random.Random(seed).shuffle(order)
+    rows, cur = [], ([], [], [])
+    for i in order:
+        ids, labels = encoded[i]
+        inp, tgt, pos = ids[:-1], labels[1:], list(range(len(ids) - 1))
+        if len(cur[0]) + len(inp) > seq_len:
+            rows.append(cur)
+            cur = ([], [], [])
+        for buf, part in zip(cur, (inp, tgt, pos)):
+            buf.extend(part)
+    if cur[0]:
+        rows.append(cur)
+    out = {k: torch.empty(len(rows), seq_len, dtype=torch.long) for k in ("input_ids", "labels", "positions")}
+    for r, (inp, tgt, pos) in enumerate(rows):
+        pad = seq_len - len(inp)
+        out["input_ids"][r] = torch.tensor(inp + [pad_id] * pad)
+        out["labels"][r] = torch.tensor(tgt + [IGNORE] * pad)
+        out["positions"][r] = torch.tensor(pos + list(range(pad)))
+    return out
+
+
+def build_sft_data(cfg: DictConfig, tok, seq_len: int, rank: int) -> tuple[dict, dict]:
+    records, report = chat_data.load_posttrain(cfg.posttrain_data, cfg.stage.dataset)
+    encoded, too_long = [], 0
+    for r in records:
+        ids, labels = chat_data.encode_chat(tok, r["messages"])
+        if len(ids) - 1 > seq_len:
+            too_long += 1  # counted and reported, never silently cut mid-response
+            continue
+        encoded.append((ids, labels))
+    report["too_long"] = too_long
+    report["chats"] = len(encoded)
+    report["response_tokens"] = sum(sum(x != IGNORE for x in lab) for _, lab in encoded)
+    if rank == 0:
+        print(f"[{cfg.stage.name}] data: {json.dumps(report, ensure_ascii=False)}", flush=True)
+    if not encoded:
+        raise ValueError(f"stage/{cfg.stage.name}.yaml dataset={cfg.stage.dataset}: no usable chats")
+    return pack_chats(encoded, seq_len, tok.pad_token_id, cfg.seed), report
+
+
+def run(cfg: DictConfig) -> dict:
+    # ---- config ------------------------------------------------------------------------
+    rank, world = training.init_distributed(cfg.hardware)
+    configs.validate(cfg, world)
+    stage, b, o = cfg.stage, configs.budget(cfg), cfg.optim
+    run_dir = Path(cfg.run_dir)
+    training.save_resolved_config(cfg, run_dir, rank)
+    torch.set_num_threads(max(1, cfg.hardware.cpus_per_task))
+
+    # ---- model + parallelize (torchtitan) ----------------------------------------------
+    net, spec, pdims, _ = training.build_model(cfg, world, bias_update_rate=stage.bias_update_rate, seed=cfg.seed)
+    opt = training.build_optimizer(net, o, spec, pdims)
+
+    # ---- data: every rank packs the same rows, then takes its data-parallel share -----------
+    tok = tokmod.load_tokenizer(cfg.tokenizer_dir)
+    rows, data_report = build_sft_data(cfg, tok, b.seq_len, rank)
+    batch_mesh = pdims.get_optional_mesh("batch")
+    dp_rank = batch_mesh.get_local_rank() if batch_mesh is not None else 0
+    dp_size = pdims.dp_replicate * pdims.dp_shard
+    n_rows, batch = rows["input_ids"].shape[0], b.batch_end
+    steps_per_epoch = max(1, n_rows // batch)
+    total_steps = int(math.ceil(b.epochs * steps_per_epoch))
+
+    # ---- resume, or start from the previous stage ----------------------------------------
+    state = {"step": 0, "tokens": 0}
+    latest = training.latest_checkpoint(run_dir)
+    if latest is not None:
+        state = training.load_checkpoint(latest, net, opt)
+        if rank == 0:
+            print(f"[{stage.name}] resumed from {latest} at step {state['step']}", flush=True)
+    else:
+        init = training.resolve_init(cfg)
+        if init is None:
+            raise ValueError(f"stage/{stage.name}.yaml init_from is empty: SFT starts from a checkpoint")
+        training.load_model_weights(init, net)
+        if rank == 0:
+            print(f"[{stage.name}] initialised from {init}", flush=True)
+
+    # ---- loop --------------------------------------------------------------------------
+    log = training.MetricLog(run_dir, rank)
+    device = training.device_of(cfg.hardware)
+    loss_group = pdims.get_optional_mesh("loss").get_group() if pdims.get_optional_mesh("loss") is not None else None
+    micro, steps_run, loss_val = cfg.parallelism.micro_batch, 0, float("nan")
+    peak = o.lr * stage.lr_factor
+    t_last = time.perf_counter()
+    while state["step"] < total_steps:
+        if cfg.max_steps is not None and steps_run >= cfg.max_steps:
+            break
+        step = state["step"]
+        warm = min(1.0, (step + 1) / max(1, b.warmup_steps))
+        lr = peak * warm * (1.0 - (1.0 - stage.lr_end_factor) * step / max(1, total_steps - 1))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        # epoch e visits the rows in a seeded permutation; step -> its slice of that order
+        epoch, k = divmod(step, steps_per_epoch)
+        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        idx = perm[k * batch:(k + 1) * batch][dp_rank::dp_size]
+        batch_t = {key: v[idx] for key, v in rows.items()}
+        targets = training.loss_labels(batch_t["labels"], batch_t["positions"], cfg.model.num_mtp_layers)
+        n_targets = training.count_targets(targets)
+        dist.all_reduce(n_targets, group=loss_group)
+        n_micro = max(1, idx.numel() // micro)
+        training.set_aux_grad_scale(net, 1.0 / (n_micro * dp_size))
+        sums = torch.zeros(2)
+        for i in range(n_micro):
+            sl = slice(i * micro, (i + 1) * micro)
+            tokens, positions = batch_t["input_ids"][sl].to(device), batch_t["positions"][sl].to(device)
+            preds = net(tokens, positions, net.get_attention_masks(positions))
+            ce = training.ce_sums(preds, [t[sl].to(device) for t in targets])
+            loss = ce[0] / n_targets[0].clamp(min=1)
+            if len(ce) > 1:
+                loss = loss + stage.mtp_scale * sum(ce[1:]) / n_targets[1].clamp(min=1)
+            loss.backward()
+            sums += torch.tensor([ce[0].item(), sum(c.item() for c in ce[1:])])
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), o.grad_clip, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dist.all_reduce(sums, group=loss_group)
+        lm_v, mtp_v = (sums / n_targets.clamp(min=1)).tolist()
+        loss_val = lm_v
+        state["step"] += 1
+        state["tokens"] += int(n_targets[0])
+        steps_run += 1
+        now = time.perf_counter()
+        rec = dict(step=state["step"], epoch=epoch, loss=lm_v, mtp_loss=mtp_v, lr=lr, grad_norm=float(grad_norm),
+                   response_tokens=int(n_targets[0]), step_s=now - t_last)
+        t_last = now
+        log.log(rec, None if state["step"] % cfg.log_every else
+                f"[{stage.name}] step {state['step']:4d}/{total_steps} loss {lm_v:.4f} (mtp {mtp_v:.4f}) "
+                f"lr {lr:.2e} gnorm {float(grad_norm):.2f} {rec['step_s']:.2f}s/step")
+        if not math.isfinite(lm_v):
+            raise FloatingPointError(f"[{stage.name}] loss is {lm_v} at step {state['step']}")
+
+        # ---- checkpoint ------------------------------------------------------------------
+        finished = state["step"] >= total_steps
+        if finished or state["step"] % cfg.checkpoint.every_steps == 0:
+            training.save_checkpoint(run_dir, state["step"], net, opt, state, cfg.checkpoint.keep_last)
+
+    summary = {"stage": stage.name, "step": state["step"], "total_steps": total_steps, "final_loss": loss_val,
+               "run_dir": str(run_dir), "data": data_report, "finished": state["step"] >= total_steps}
+    if rank == 0 and summary["finished"]:
+        (run_dir / "DONE.json").write_text(json.dumps(summary))
+    dist.barrier()
+    return summary
+
+
+@hydra.main(config_path="../conf", config_name="sft", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    summary = run(cfg)
+    if dist.get_rank() == 0:
+        print(json.dumps(summary), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
