@@ -91,21 +91,22 @@ def overlong_penalty(length: int, max_len: int, cache_len: int) -> float:
     return -1.0
 
 
-def collect_groups(sample_group: Callable[[dict], list], prompts: Iterator[dict], rewards_of: Callable[[list], list],
+def collect_groups(sample_groups: Callable[[list], list], prompts: Iterator, rewards_of: Callable[[list], list],
                    n_groups: int, max_prompts: int, dynamic: bool = True) -> tuple[list, dict]:
-    """DAPO dynamic sampling: sample groups prompt by prompt, drop groups whose rewards are all
-    equal, and keep drawing further prompts until n_groups informative groups are collected or
-    max_prompts were tried (then train on what was found, and say so in the stats)."""
+    """DAPO dynamic sampling: sample one group per prompt (`sample_groups` takes a list of
+    prompts and returns their groups, so a round is one batched generation), drop groups whose
+    rewards are all equal, and draw further prompts until n_groups informative groups are
+    collected or max_prompts were tried (then train on what was found; the stats say so)."""
     kept, tried, dropped = [], 0, 0
     while len(kept) < n_groups and tried < max_prompts:
-        prompt = next(prompts)
-        group = sample_group(prompt)
-        rewards = torch.tensor(rewards_of(group), dtype=torch.float64)
-        tried += 1
-        if dynamic and not bool(informative_groups(rewards, len(group))[0]):
-            dropped += 1
-            continue
-        kept.append(group)
+        batch = [next(prompts) for _ in range(min(n_groups - len(kept), max_prompts - tried))]
+        tried += len(batch)
+        for group in sample_groups(batch):
+            rewards = torch.tensor(rewards_of(group), dtype=torch.float64)
+            if dynamic and not bool(informative_groups(rewards, len(group))[0]):
+                dropped += 1
+                continue
+            kept.append(group)
     return kept, {"prompts_tried": tried, "groups_dropped": dropped, "groups_kept": len(kept)}
 
 

@@ -90,12 +90,19 @@ def test_overlong_penalty():
 
 def test_collect_groups_drops_and_refills():
     prompts = iter([{"r": [1, 1]}, {"r": [0, 1]}, {"r": [2, 2]}, {"r": [1, 3]}, {"r": [5, 6]}])
-    kept, st = rl.collect_groups(lambda p: p["r"], prompts, lambda g: g, n_groups=2, max_prompts=10)
-    assert kept == [[0, 1], [1, 3]]
+    rounds = []
+
+    def sample(batch):
+        rounds.append(len(batch))
+        return [p["r"] for p in batch]
+    # round 1 draws 2 prompts: [1,1] dropped, [0,1] kept; round 2 draws 1: [2,2] dropped; round 3: [1,3] kept
+    kept, st = rl.collect_groups(sample, prompts, lambda g: g, n_groups=2, max_prompts=10)
+    assert kept == [[0, 1], [1, 3]] and rounds == [2, 1, 1]
     assert st == {"prompts_tried": 4, "groups_dropped": 2, "groups_kept": 2}
-    kept, st = rl.collect_groups(lambda p: p, itertools.repeat([1, 1]), lambda g: g, n_groups=2, max_prompts=3)
+    same = lambda batch: [[1, 1] for _ in batch]  # noqa: E731
+    kept, st = rl.collect_groups(same, itertools.repeat(None), lambda g: g, n_groups=2, max_prompts=3)
     assert kept == [] and st["prompts_tried"] == 3
-    kept, _ = rl.collect_groups(lambda p: p, itertools.repeat([1, 1]), lambda g: g, 2, 3, dynamic=False)
+    kept, _ = rl.collect_groups(same, itertools.repeat(None), lambda g: g, 2, 3, dynamic=False)
     assert len(kept) == 2
 
 
