@@ -23,11 +23,34 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 
 setup: $(VENV)/.installed
 
-test: setup
+test: setup artifacts/data/tiny/pretrain_s3/manifest.json
 	$(BIN)/pytest -q tests
 
 params: setup
 	$(PYTHON) -m model --model $(MODEL)
+
+# Pre-training chain (paper 3.2): stage 1 -> 2 -> 3 (16K) -> 3 (32K); each stage starts from the
+# previous stage's final checkpoint and resumes its own latest checkpoint if re-run after a kill.
+PRETRAIN_STAGES := pretrain_s1 pretrain_s2 pretrain_s3_16k pretrain_s3_32k
+OPTIM ?= $(if $(filter tiny,$(MODEL)),adamw_tiny,adamw)
+STAGE_ARGS = model=$(MODEL) hardware=$(HARDWARE) parallelism=$(PARALLEL) optim=$(OPTIM) $(ARGS)
+
+pretrain: setup $(if $(filter tiny,$(MODEL)),artifacts/data/tiny/pretrain_s3/manifest.json)
+	@for s in $(PRETRAIN_STAGES); do \
+	  echo "== $$s"; \
+	  $(TORCHRUN) --nproc_per_node $(NPROC) --master_port $${MASTER_PORT:-29512} stages/pretrain.py stage=$$s $(STAGE_ARGS) || exit 1; \
+	done
+
+# The tiny tokenizer and datasets are built on demand the first time a tiny run needs them.
+artifacts/tokenizer/tiny/tokenizer.json:
+	$(MAKE) tokenizer TOKENIZER=tiny
+artifacts/data/tiny/pretrain_s3/manifest.json: artifacts/tokenizer/tiny/tokenizer.json
+	$(MAKE) data DATA=tiny
+
+# The README's first command: the whole pipeline on the tiny config, on CPU.
+smoke: setup
+	rm -rf runs/tiny
+	$(MAKE) pretrain MODEL=tiny HARDWARE=cpu PARALLEL=cpu_fsdp_ep
 
 clean:
 	rm -rf runs outputs multirun

@@ -63,10 +63,12 @@ def errors(cfg: DictConfig, world_size: int | None = None) -> list[str]:
         out.append(f"parallelism/{p.name}.yaml ep={p.ep}: expected to divide dp_shard*cp={dp_shard * p.cp}")
     if m.num_experts % p.ep:
         out.append(f"parallelism/{p.name}.yaml ep={p.ep}: expected to divide model.num_experts={m.num_experts}")
-    if p.pp > 1 and m.n_layers % p.pp and (m.n_layers + 1) % p.pp:
-        # torchtitan's pipeline split may give the first stage one layer less.
+    if p.pp > 1 and m.n_layers < 2 * p.pp:
+        # torchtitan splits layers + embedding + head into pp stages that differ by at most one
+        # layer (61 layers on PP 16: 3-4 per stage); fewer than two per stage leaves stages that
+        # hold only the embedding or the head.
         out.append(f"parallelism/{p.name}.yaml pp={p.pp}: model.n_layers={m.n_layers} does not split into "
-                   f"{p.pp} stages (expected n_layers or n_layers+1 divisible by pp)")
+                   f"{p.pp} stages (expected at least 2 layers per stage)")
     if p.pp > 1 and m.num_mtp_layers > 0:
         out.append(f"parallelism/{p.name}.yaml pp={p.pp}: torchtitan 0.3.0 cannot pipeline MTP layers; "
                    f"set model.num_mtp_layers=0 or pp=1 (see README 'Known gaps')")
@@ -84,6 +86,9 @@ def errors(cfg: DictConfig, world_size: int | None = None) -> list[str]:
         b = budget(cfg)
     except ConfigError as e:
         return out + [str(e)]
+    if b.batch_start is None or b.batch_end is None:
+        return out + [f"hardware/{hw.name}.yaml global_batch is null: the {m.budget} budget of "
+                      f"stage/{cfg.stage.name}.yaml takes its batch from a cluster hardware config"]
     if b.seq_len > m.max_seq_len:
         out.append(f"stage/{cfg.stage.name}.yaml seq_len={b.seq_len}: exceeds model.max_seq_len={m.max_seq_len}")
     if p.cp > 1 and b.seq_len % (2 * p.cp):

@@ -58,10 +58,14 @@ def run(cfg: DictConfig) -> dict:
         loader.load_state_dict(state["loader"])
         if rank == 0:
             print(f"[{stage.name}] resumed from {latest} at step {state['step']}", flush=True)
-    elif (init := training.resolve_init(cfg)) is not None:
-        training.load_model_weights(init, net)
-        if rank == 0:
-            print(f"[{stage.name}] initialised from {init}", flush=True)
+    else:
+        if (init := training.resolve_init(cfg)) is not None:
+            training.load_model_weights(init, net)
+            if rank == 0:
+                print(f"[{stage.name}] initialised from {init}", flush=True)
+        if cfg.checkpoint.save_initial:  # a world-size-independent starting point (see conf)
+            state["loader"] = loader.state_dict()
+            training.save_checkpoint(run_dir, 0, net, opt, state, keep_last=0)
 
     # ---- loop --------------------------------------------------------------------------
     log = training.MetricLog(run_dir, rank)

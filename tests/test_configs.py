@@ -1,0 +1,58 @@
+"""Config validation: every bad combination is refused before allocation, one line each."""
+
+import pytest
+from conftest import compose_cfg
+
+import configs
+
+
+def errs(overrides, world=None):
+    return configs.errors(compose_cfg(overrides=overrides), world)
+
+
+def test_default_tiny_cpu_config_is_valid():
+    assert errs([], world=2) == []
+    assert errs(["parallelism=none"], world=1) == []
+
+
+def test_paper_config_on_1024_gpus_is_valid_without_mtp_under_pp():
+    ov = ["model=axk1_519b", "optim=adamw", "hardware=h200_1024", "parallelism=axk1_pretrain"]
+    lines = errs(ov)
+    # torchtitan 0.3.0 cannot pipeline the MTP layer: the one line that says so is all that's left
+    assert len(lines) == 1 and "MTP" in lines[0], lines
+    assert errs(ov + ["model.num_mtp_layers=0"]) == []
+
+
+@pytest.mark.parametrize("overrides,world,needle", [
+    (["parallelism=cpu_fsdp_ep", "parallelism.dp_shard=2"], 3, "does not equal world size 3"),
+    (["parallelism=cpu_fsdp_ep"], 3, "ep=2: expected to divide dp_shard*cp=3"),
+    (["parallelism=none", "parallelism.pp=3", "model.num_mtp_layers=0"], 3, "does not split into 3 stages"),
+    (["parallelism=cpu_fsdp_ep", "parallelism.ep=2", "model.num_experts=15", "model.n_group=5"], 2,
+     "expected to divide model.num_experts=15"),
+    (["parallelism=none", "parallelism.cp=2", "hardware.attention=flex", "hardware.device=cuda",
+      "model.num_mtp_layers=0", "stage.budget.tiny.seq_len=130"], 2, "expected a multiple of 2*cp=4"),
+    (["model.vocab_size=4000"], 2, "vocab_size=4000: expected a multiple of 128"),
+    (["stage.budget.tiny.batch_start=6"], 2, "expected a multiple of dp*micro_batch"),
+    (["hardware.attention=flex"], 2, "flex attention has no CPU backward"),
+    (["model=axk1_519b"], 2, "pick the matching optim config"),
+])
+def test_each_violation_is_one_clear_line(overrides, world, needle):
+    lines = errs(overrides, world)
+    assert any(needle in line for line in lines), lines
+    assert all("\n" not in line for line in lines)
+
+
+def test_1536_gpus_with_the_stage1_ramp_is_refused():
+    # 1,536 GPUs with PP 16 gives 96 data-parallel ranks: the ramp's 2,048 does not divide.
+    ov = ["model=axk1_519b", "optim=adamw", "hardware=h200_1536", "parallelism=axk1_pretrain",
+          "model.num_mtp_layers=0"]
+    lines = errs(ov)
+    assert lines == ["stage/pretrain_s1.yaml global batch 2048 (of the ramp 2048->18432 step 1024): "
+                     "expected a multiple of dp*micro_batch=96*1=96"], lines
+    assert errs(ov + ["stage=pretrain_s2"]) == []  # 18,432 = 96 * 192 after the ramp
+
+
+def test_validate_raises_with_all_lines():
+    with pytest.raises(configs.ConfigError) as e:
+        configs.validate(compose_cfg(overrides=["model.vocab_size=4000", "hardware.attention=flex"]), 2)
+    assert str(e.value).count("\n") == 2
