@@ -187,8 +187,8 @@ def mix_stage(docs: list[dict], weights: dict, target_tokens: int, seed: int, st
     """Samples documents per category to hit weight * target tokens, upsampling small pools.
 
     Whole documents are drawn (without replacement first, then repeated passes in a fresh random
-    order); a document longer than twice the remaining deficit is skipped, so a category's share
-    ends within about one short document of its target.
+    order); a document that would overshoot the category's quota by more than 1% is skipped (a later
+    pass may still fill the gap with shorter ones), so realised shares stay within ~1% of target.
     """
     rng = np.random.default_rng([seed, D.STAGES.index(stage)])
     pools: dict[str, list[dict]] = {}
@@ -210,7 +210,7 @@ def mix_stage(docs: list[dict], weights: dict, target_tokens: int, seed: int, st
                 deficit = quota - got
                 if deficit <= 0:
                     break
-                if pool[i]["n_tokens"] > 2 * deficit:  # would overshoot by more than it fills
+                if pool[i]["n_tokens"] - deficit > 0.01 * quota:  # would overshoot the share by > 1%
                     continue
                 chosen.append(pool[i])
                 got += pool[i]["n_tokens"]
