@@ -213,6 +213,8 @@ def build_dataset(kind: str, tasks: list[dict]) -> list[dict]:
             if m is None:
                 out.append({"id": f"{kind}-{i}", "lang": t["lang"], "domain": t["domain"], "task": t["task"],
                             "messages": [{"role": "user", "content": t["prompt"]}]})
+                if kind == "eval":  # reference answers in both modes, for the held-out loss
+                    out[-1]["references"] = {mm: _record(t, mm, "")["messages"][-1] for mm in ("thinking", "non_thinking")}
             else:
                 out.append(_record(t, m, f"{kind}-{i}-{m}"))
     return out

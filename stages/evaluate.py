@@ -1,0 +1,144 @@
+"""Mode-control evaluation of checkpoints (issue 4): config -> checkpoints -> generate -> score.
+
+    python stages/evaluate.py                  # base, instruct, reasoning, merged, MOD, RL rows
+
+For each checkpoint and each requested mode, held-out prompts end with that mode's control tag
+(x + <think> / x + </think>, paper 4.4) and are decoded greedily with the KV cache. Columns:
+well-formed share (rl.split_response), mode-obeyed share (rl.mode_obeyed), task accuracy
+(rl verifiers), mean generated tokens, mean reward (the RL reward), and the held-out NLL of the
+reference answer in that mode. No process group: checkpoints load straight from DCP.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import hydra
+import torch
+import torch.distributed.checkpoint as dcp
+from omegaconf import DictConfig, OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import chat_data  # noqa: E402
+import generate  # noqa: E402
+import rl  # noqa: E402
+import tokenizer as tokmod  # noqa: E402
+
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
+
+def resolve(cfg: DictConfig, label: str, src: str) -> Path:
+    p = Path(src)
+    if (p / ".metadata").exists():
+        return p
+    run = Path(cfg.paths.runs) / cfg.model.name / src
+    ptr = run / "checkpoints" / "latest"
+    if not ptr.exists() or not (run / "DONE.json").exists():
+        raise FileNotFoundError(f"conf/evaluate.yaml checkpoints.{label}={src}: no finished run at {run}")
+    return run / "checkpoints" / ptr.read_text().strip()
+
+
+def load_weights(net: torch.nn.Module, ckpt: Path) -> None:
+    """Model entries of a DCP checkpoint into the plain decode model (resharded by DCP)."""
+    have = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    sd = net.state_dict()
+    missing = [k for k in sd if f"model.{k}" not in have]
+    if missing:
+        raise KeyError(f"{ckpt}: checkpoint lacks {missing[0]} ({len(missing)} entries): another architecture?")
+    dcp.load({"model": sd}, storage_reader=dcp.FileSystemReader(str(ckpt)))
+    net.load_state_dict(sd)
+
+
+@torch.no_grad()
+def heldout_nll(net, tok, records: list[dict], mode: str) -> float:
+    """Mean per-token NLL of the reference answer (response tokens only) in `mode`."""
+    total, count = 0.0, 0
+    for r in records:
+        ref = r.get("references", {}).get(mode)
+        if ref is None:
+            continue
+        ids, labels = chat_data.encode_chat(tok, r["messages"] + [ref])
+        x = torch.tensor([ids[:-1]])
+        pos = torch.arange(x.shape[1])[None]
+        logits = net(x, pos, net.get_attention_masks(pos))
+        logits = logits[0] if isinstance(logits, list) else logits
+        y = torch.tensor(labels[1:])
+        keep = y != chat_data.IGNORE_INDEX
+        total += float(torch.nn.functional.cross_entropy(logits[0][keep].float(), y[keep], reduction="sum"))
+        count += int(keep.sum())
+    return total / count if count else float("nan")
+
+
+def evaluate_checkpoint(net, tok, records: list[dict], cfg: DictConfig) -> tuple[dict, list]:
+    rcfg = rl.RewardConfig(max_len=cfg.max_new_tokens, **OmegaConf.to_container(cfg.reward))
+    row, samples = {}, []
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for mode in cfg.modes:
+        outs = []
+        for s in range(0, len(records), cfg.batch_size):
+            chunk = records[s:s + cfg.batch_size]
+            outs += generate.generate(net, [chat_data.encode_prompt(tok, r["messages"], mode) for r in chunk],
+                                      max_new_tokens=cfg.max_new_tokens, eos_id=tok.eos_token_id,
+                                      pad_id=tok.pad_token_id, temperature=cfg.temperature, generator=gen)
+        scores = []
+        for r, out in zip(records, outs):
+            text = tok.decode(out.tokens if out.truncated else out.tokens[:-1], skip_special_tokens=False)
+            rew = rl.reward(text, mode, r["task"], len(out.tokens), rcfg)
+            scores.append((rew, rl.mode_obeyed(text, mode), len(out.tokens)))
+            if len(samples) < cfg.samples_per_row * (cfg.modes.index(mode) + 1):
+                samples.append({"mode": mode, "prompt": r["messages"][-1]["content"], "output": text,
+                                "well_formed": rew.well_formed, "reason": rew.reason, "reward": rew.total})
+        n = len(scores)
+        row[mode] = {"n": n,
+                     "well_formed": sum(s[0].well_formed for s in scores) / n,
+                     "mode_obeyed": sum(s[1] for s in scores) / n,
+                     "accuracy": sum(s[0].accuracy for s in scores) / n,
+                     "mean_tokens": sum(s[2] for s in scores) / n,
+                     "reward": sum(s[0].total for s in scores) / n,
+                     "heldout_nll": heldout_nll(net, tok, records, mode)}
+    return row, samples
+
+
+def run(cfg: DictConfig) -> dict:
+    torch.manual_seed(cfg.seed)
+    tok = tokmod.load_tokenizer(cfg.tokenizer_dir)
+    records, report = chat_data.load_posttrain(cfg.posttrain_data, "eval")
+    net = generate.build_inference_model(cfg.model)
+    out_dir = Path(cfg.run_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, all_samples = {}, []
+    for label, src in cfg.checkpoints.items():
+        ckpt = resolve(cfg, label, src)
+        load_weights(net, ckpt)
+        rows[label], samples = evaluate_checkpoint(net, tok, records, cfg)
+        rows[label]["checkpoint"] = str(ckpt)
+        all_samples += [{"checkpoint": label, **s} for s in samples]
+        line = "  ".join(f"{m}: wf {v['well_formed']:.2f} obey {v['mode_obeyed']:.2f} acc {v['accuracy']:.2f} "
+                         f"tok {v['mean_tokens']:.1f} R {v['reward']:+.2f} nll {v['heldout_nll']:.2f}"
+                         for m, v in rows[label].items() if isinstance(v, dict))
+        print(f"[evaluate] {label:9s} {line}", flush=True)
+    result = {"prompts": len(records), "data": report, "max_new_tokens": cfg.max_new_tokens,
+              "temperature": cfg.temperature, "rows": rows}
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    with (out_dir / "samples.jsonl").open("w") as f:
+        for s in all_samples:
+            f.write(json.dumps(s, ensure_ascii=False) + "\n")
+    if any(math.isnan(v["heldout_nll"]) for r in rows.values() for v in r.values() if isinstance(v, dict)):
+        print("[evaluate] note: some rows have no reference answers (held-out NLL is nan)", flush=True)
+    return result
+
+
+@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except (FileNotFoundError, KeyError) as e:
+        sys.exit(f"[evaluate] {e}")
+
+
+if __name__ == "__main__":
+    main()

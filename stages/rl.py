@@ -1,0 +1,205 @@
+"""On-policy RL (paper 4.4): config -> model -> parallelize -> data -> loop (rollout, reward,
+GSPO update) -> checkpoint.
+
+    python stages/rl.py                       # from runs/<model>/mod_sft
+
+Every step: sync the trainer's weights into the decode copy (generate.py), sample groups for
+prompts in both modes (x + <think>, x + </think>), score them (rl.reward: correctness + format +
+DAPO overlong shaping), keep informative groups (DAPO dynamic sampling, refilling from further
+prompts), then take `minibatches` optimizer steps on the GSPO sequence-level loss.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import chat_data  # noqa: E402
+import configs  # noqa: E402
+import generate  # noqa: E402
+import rl  # noqa: E402
+import tokenizer as tokmod  # noqa: E402
+import training  # noqa: E402
+
+
+def token_logprobs(net, seqs: list[list[int]], pad_id: int) -> torch.Tensor:
+    """[B, T-1] log-prob of each next token under `net` (right-padded; pad rows are their own
+    document via positions restarting at 0, so they never mix with real tokens)."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    pos = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        pos[i, :len(s)] = torch.arange(len(s))
+        pos[i, len(s):] = torch.arange(T - len(s))
+    logits = net(ids, pos, net.get_attention_masks(pos))
+    logits = logits[0] if isinstance(logits, list) else logits
+    return torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+
+def run(cfg: DictConfig) -> dict:
+    # ---- config ------------------------------------------------------------------------
+    rank, world = training.init_distributed(cfg.hardware)
+    configs.validate(cfg, world)
+    stage, b, o, R = cfg.stage, configs.budget(cfg), cfg.optim, cfg.stage.rl
+    run_dir = Path(cfg.run_dir)
+    training.save_resolved_config(cfg, run_dir, rank)
+    torch.set_num_threads(max(1, cfg.hardware.cpus_per_task))
+    rcfg = rl.RewardConfig(correct=stage.reward.correct, incorrect=stage.reward.incorrect,
+                           partial_credit=stage.reward.partial_credit, overlong_shaping=R.overlong_shaping,
+                           max_len=R.max_new_tokens, cache_len=R.cache_len)
+
+    # ---- model + parallelize (torchtitan), and the unsharded decode copy -----------------
+    net, spec, pdims, _ = training.build_model(cfg, world, bias_update_rate=stage.bias_update_rate, seed=cfg.seed)
+    opt = training.build_optimizer(net, o, spec, pdims)
+    policy = generate.build_inference_model(cfg.model)
+
+    # ---- data: prompts x each become x + <think> and x + </think> (paper 4.4) -------------
+    tok = tokmod.load_tokenizer(cfg.tokenizer_dir)
+    records, report = chat_data.load_posttrain(cfg.posttrain_data, stage.dataset)
+    dp_size = pdims.dp_replicate * pdims.dp_shard
+    records = records[rank % dp_size::dp_size] if dp_size > 1 else records
+    items = [(r, m) for r in records for m in rl.MODES]
+
+    # ---- resume, or start from the previous stage ----------------------------------------
+    state = {"step": 0, "cursor": 0}
+    latest = training.latest_checkpoint(run_dir)
+    if latest is not None:
+        state = training.load_checkpoint(latest, net, opt)
+    else:
+        training.load_model_weights(training.resolve_init(cfg), net)
+    if rank == 0:
+        print(f"[{stage.name}] {'resumed from ' + str(latest) if latest else 'initialised from ' + str(training.resolve_init(cfg))}; "
+              f"{len(records)} prompts x 2 modes; data {json.dumps(report['bad'])}", flush=True)
+    stream = itertools.islice(itertools.cycle(items), state["cursor"], None)
+    gen = torch.Generator().manual_seed(cfg.seed + 1000 * rank + state["step"])
+
+    def sample_groups(batch):
+        """One batched generation for all (prompt, mode) items of a round; returns their groups."""
+        prompts = [chat_data.encode_prompt(tok, r["messages"], m) for r, m in batch]
+        outs = generate.generate(policy, [p for p in prompts for _ in range(R.group_size)],
+                                 max_new_tokens=R.max_new_tokens, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                                 temperature=R.temperature, generator=gen)
+        groups = []
+        for j, (r, m) in enumerate(batch):
+            group = []
+            for out in outs[j * R.group_size:(j + 1) * R.group_size]:
+                body = out.tokens[:-1] if not out.truncated else out.tokens
+                text = tok.decode(body, skip_special_tokens=False)
+                rew = rl.reward(text, m, r["task"], len(out.tokens), rcfg)
+                group.append({"prompt": prompts[j], "out": out, "mode": m, "reward": rew})
+            groups.append(group)
+        return groups
+
+    # ---- loop --------------------------------------------------------------------------
+    log = training.MetricLog(run_dir, rank)
+    steps_run, t_last = 0, time.perf_counter()
+    while state["step"] < b.steps:
+        if cfg.max_steps is not None and steps_run >= cfg.max_steps:
+            break
+        for group in opt.param_groups:
+            group["lr"] = o.lr * stage.lr_factor
+        generate.sync_weights(net, policy)  # rollouts come from the weights being trained
+        t0 = time.perf_counter()
+        all_groups = []
+
+        def rewards_of(g):
+            all_groups.append(g)  # every sampled group, kept or dropped, for the on-policy metrics
+            return [s["reward"].total for s in g]
+        kept, ds = rl.collect_groups(sample_groups, stream, rewards_of, R.groups_per_step, R.max_groups_tried,
+                                     dynamic=R.dynamic_sampling)
+        state["cursor"] += ds["prompts_tried"]
+        t_gen = time.perf_counter() - t0
+
+        samples = [s for g in kept for s in g]
+        if samples:
+            adv = rl.group_advantages(torch.tensor([s["reward"].total for s in samples], dtype=torch.float32),
+                                      R.group_size)
+        # Fixed number of minibatches on every rank (FSDP collectives stay in lockstep); an
+        # empty one trains on a dummy row with a zero mask.
+        chunks = [list(range(len(samples)))[k::R.minibatches] for k in range(R.minibatches)]
+        seqs_all = [s["prompt"] + s["out"].tokens for s in samples]
+        with torch.no_grad():
+            old_all = token_logprobs(net, seqs_all, tok.pad_token_id) if samples else None
+        losses, clips = [], []
+        for idx in chunks:
+            if idx:
+                seqs = [seqs_all[i] for i in idx]
+                T = max(len(x) for x in seqs) - 1
+                mask = torch.zeros(len(idx), T)
+                for row, i in enumerate(idx):
+                    s = samples[i]
+                    if not (R.overlong_filter and s["out"].truncated):
+                        n_p = len(s["prompt"])
+                        mask[row, n_p - 1:n_p - 1 + len(s["out"].tokens)] = 1.0  # targets = generated tokens
+                new = token_logprobs(net, seqs, tok.pad_token_id)
+                old = old_all[idx, :T]
+                a = adv[idx]
+            else:
+                seqs, mask = [[tok.pad_token_id] * 2], torch.zeros(1, 1)
+                new = token_logprobs(net, seqs, tok.pad_token_id)
+                old, a = new.detach(), torch.zeros(1)
+            loss, st = rl.gspo_loss(new, old, mask, a, R.eps_low, R.eps_high, R.aggregation)
+            (loss / dp_size).backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), o.grad_clip, foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            clips.append(st["clip_frac"])
+
+        # ---- metrics over everything sampled this step (the current policy's behaviour) ------
+        flat = [s for g in all_groups for s in g]
+        per_mode = {m: [s for s in flat if s["mode"] == m] for m in rl.MODES}
+        rec = dict(step=state["step"] + 1, reward=sum(s["reward"].total for s in flat) / max(1, len(flat)),
+                   accuracy=sum(s["reward"].accuracy for s in flat) / max(1, len(flat)),
+                   loss=sum(losses) / len(losses), clip_frac=sum(clips) / len(clips), gen_s=t_gen,
+                   truncated=sum(s["out"].truncated for s in flat) / max(1, len(flat)), **ds)
+        for m, ss in per_mode.items():
+            if ss:
+                rec[f"format_error_{m}"] = sum(not s["reward"].well_formed for s in ss) / len(ss)
+                rec[f"tokens_{m}"] = sum(len(s["out"].tokens) for s in ss) / len(ss)
+        state["step"] += 1
+        steps_run += 1
+        now = time.perf_counter()
+        rec["step_s"] = now - t_last
+        t_last = now
+        log.log(rec, None if state["step"] % cfg.log_every else
+                f"[{stage.name}] step {state['step']:3d}/{b.steps} reward {rec['reward']:+.3f} acc {rec['accuracy']:.3f} "
+                f"fmt_err think {rec.get('format_error_thinking', float('nan')):.2f} "
+                f"direct {rec.get('format_error_non_thinking', float('nan')):.2f} kept {ds['groups_kept']}/"
+                f"{ds['prompts_tried']} loss {rec['loss']:+.4f} gen {t_gen:.1f}s step {rec['step_s']:.1f}s")
+        if not math.isfinite(rec["loss"]):
+            raise FloatingPointError(f"[{stage.name}] loss is {rec['loss']} at step {state['step']}")
+
+        # ---- checkpoint ------------------------------------------------------------------
+        finished = state["step"] >= b.steps
+        if finished or state["step"] % cfg.checkpoint.every_steps == 0:
+            training.save_checkpoint(run_dir, state["step"], net, opt, state, cfg.checkpoint.keep_last)
+
+    summary = {"stage": stage.name, "step": state["step"], "run_dir": str(run_dir), "finished": state["step"] >= b.steps}
+    if rank == 0 and summary["finished"]:
+        (run_dir / "DONE.json").write_text(json.dumps(summary))
+    dist.barrier()
+    return summary
+
+
+@hydra.main(config_path="../conf", config_name="rl", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    summary = run(cfg)
+    if dist.get_rank() == 0:
+        print(json.dumps(summary), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
