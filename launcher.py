@@ -322,8 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages-dir", default=str(ROOT / "stages"), type=Path)
     ap.add_argument("--conf-dir", default=str(ROOT / "conf"), type=Path)
     a = ap.parse_intermixed_args(argv)
-    specs = [x for x in a.args if "=" not in x]
-    overrides = [x for x in a.args if "=" in x]
+    # A spec's first comma-separated part has no `=` (toy,stage.steps=3); an override's has.
+    specs = [x for x in a.args if "=" not in x.split(",")[0]]
+    overrides = [x for x in a.args if x not in specs]
     try:
         if a.command == "status":
             rows = status(Path(a.runs))
