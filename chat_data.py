@@ -164,8 +164,7 @@ def instruction_task(rng: random.Random, lang: str) -> dict:
         word=c.get("word", ""), phrase=c.get("phrase", ""), n=c.get("n", ""),
         name=_LANG_NAME[lang].get(c.get("lang", ""), "")) for c in cons)
     names = ", ".join(c["type"] for c in cons)
-    trace = (f"Topic: {topic}. Rules: {names}. Plan: write {len(body)} short point(s) and check each rule."
-             if lang == "en" else f"주제: {topic}. 규칙: {names}. 계획: {len(body)}개의 짧은 내용을 쓰고 규칙을 확인합니다.")
+    trace = (f"Rules: {names}. Points: {len(body)}." if lang == "en" else f"규칙: {names}. 내용: {len(body)}개.")
     return {"lang": lang, "domain": "Instruction Following", "prompt": _WRITE[lang].format(t=topic) + " " + instr,
             "task": {"kind": "ifeval", "constraints": cons}, "direct": text, "trace": trace, "final": text}
 

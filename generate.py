@@ -115,23 +115,29 @@ def generate(net, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int,
     logits = _step(net, ids, positions, caches, mask[:, None])[:, -1]
     key_valid, pos = valid, positions[:, -1]
     out = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    active = torch.arange(B, device=device)  # rows still decoding; finished rows leave the batch
     for _ in range(max_new_tokens):
         if temperature <= 0:
             nxt = logits.argmax(-1)
-        else:
+        else:  # Gumbel-max: an exact categorical sample, much cheaper than multinomial on CPU
             lg = logits.float() / temperature
             if top_k > 0:
                 kth = lg.topk(top_k, dim=-1).values[:, -1:]
                 lg = lg.masked_fill(lg < kth, float("-inf"))
-            nxt = torch.multinomial(torch.softmax(lg, -1), 1, generator=generator).squeeze(-1)
-        for i in torch.nonzero(~done).flatten().tolist():
-            out[i].append(int(nxt[i]))
-        done |= nxt == eos_id
-        if bool(done.all()):
+            u = torch.rand(lg.shape, generator=generator).clamp_(min=1e-20).to(device)
+            nxt = (lg - torch.log(-torch.log(u))).argmax(-1)
+        for j, i in enumerate(active.tolist()):
+            out[i].append(int(nxt[j]))
+        live = nxt != eos_id
+        if not bool(live.any()):
             break
+        if not bool(live.all()):
+            keep = torch.nonzero(live).flatten()
+            active, nxt, pos, key_valid = active[keep], nxt[keep], pos[keep], key_valid[keep]
+            for c in caches:
+                c.c_kv, c.k_pe = c.c_kv[keep], c.k_pe[keep]
         pos = pos + 1
-        key_valid = torch.cat([key_valid, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)
+        key_valid = torch.cat([key_valid, torch.ones(len(active), 1, dtype=torch.bool, device=device)], 1)
         logits = _step(net, nxt[:, None], pos[:, None], caches, key_valid[:, None, None, :])[:, -1]
     net.train(was_training)
     return [Rollout(o, truncated=(not o or o[-1] != eos_id)) for o in out]

@@ -92,14 +92,17 @@ def overlong_penalty(length: int, max_len: int, cache_len: int) -> float:
 
 
 def collect_groups(sample_groups: Callable[[list], list], prompts: Iterator, rewards_of: Callable[[list], list],
-                   n_groups: int, max_prompts: int, dynamic: bool = True) -> tuple[list, dict]:
+                   n_groups: int, max_prompts: int, dynamic: bool = True, first_round: int = 0) -> tuple[list, dict]:
     """DAPO dynamic sampling: sample one group per prompt (`sample_groups` takes a list of
     prompts and returns their groups, so a round is one batched generation), drop groups whose
     rewards are all equal, and draw further prompts until n_groups informative groups are
-    collected or max_prompts were tried (then train on what was found; the stats say so)."""
+    collected or max_prompts were tried (then train on what was found; the stats say so).
+    The first round may over-sample (first_round prompts); groups beyond n_groups are discarded,
+    so every step trains on the same number of groups, as in DAPO."""
     kept, tried, dropped = [], 0, 0
     while len(kept) < n_groups and tried < max_prompts:
-        batch = [next(prompts) for _ in range(min(n_groups - len(kept), max_prompts - tried))]
+        want = max(n_groups - len(kept), first_round if tried == 0 else 0)
+        batch = [next(prompts) for _ in range(min(want, max_prompts - tried))]
         tried += len(batch)
         for group in sample_groups(batch):
             rewards = torch.tensor(rewards_of(group), dtype=torch.float64)
@@ -107,6 +110,7 @@ def collect_groups(sample_groups: Callable[[list], list], prompts: Iterator, rew
                 dropped += 1
                 continue
             kept.append(group)
+    kept = kept[:n_groups]
     return kept, {"prompts_tried": tried, "groups_dropped": dropped, "groups_kept": len(kept)}
 
 

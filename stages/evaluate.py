@@ -74,7 +74,7 @@ def heldout_nll(net, tok, records: list[dict], mode: str) -> float:
 
 
 def evaluate_checkpoint(net, tok, records: list[dict], cfg: DictConfig) -> tuple[dict, list]:
-    rcfg = rl.RewardConfig(max_len=cfg.max_new_tokens, **OmegaConf.to_container(cfg.reward))
+    rcfg = rl.RewardConfig(**OmegaConf.to_container(cfg.reward))
     row, samples = {}, []
     gen = torch.Generator().manual_seed(cfg.seed)
     for mode in cfg.modes:

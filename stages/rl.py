@@ -117,7 +117,7 @@ def run(cfg: DictConfig) -> dict:
             all_groups.append(g)  # every sampled group, kept or dropped, for the on-policy metrics
             return [s["reward"].total for s in g]
         kept, ds = rl.collect_groups(sample_groups, stream, rewards_of, R.groups_per_step, R.max_groups_tried,
-                                     dynamic=R.dynamic_sampling)
+                                     dynamic=R.dynamic_sampling, first_round=R.first_round)
         state["cursor"] += ds["prompts_tried"]
         t_gen = time.perf_counter() - t0
 

@@ -48,3 +48,16 @@ def test_sync_weights_copies_everything():
     G.sync_weights(src, dst)
     for (k, a), (_, b) in zip(src.state_dict().items(), dst.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_rows_leave_the_batch_when_done():
+    # pick as "eos" the 4th token row 0 would emit: row 0 finishes early, the others keep
+    # decoding from a compacted cache and must still match the uncached reference
+    net = _net(4)
+    prompts = [[5, 17, 33], [9, 3000, 12, 13], [44, 45]]
+    free = G.generate(net, prompts, max_new_tokens=10, eos_id=-1, pad_id=2, temperature=0.0)
+    eos = free[0].tokens[3]
+    got = G.generate(net, prompts, max_new_tokens=10, eos_id=eos, pad_id=2, temperature=0.0)
+    assert got[0].tokens[-1] == eos and len(got[0].tokens) <= 4 and not got[0].truncated
+    for p, g in zip(prompts, got):
+        assert g.tokens == G.generate_uncached(net, p, max_new_tokens=10, eos_id=eos)

@@ -104,6 +104,11 @@ def test_collect_groups_drops_and_refills():
     assert kept == [] and st["prompts_tried"] == 3
     kept, _ = rl.collect_groups(same, itertools.repeat(None), lambda g: g, 2, 3, dynamic=False)
     assert len(kept) == 2
+    # over-sampling the first round: 4 prompts drawn at once, 3 informative, only 2 kept
+    rounds.clear()
+    four = iter([{"r": [0, 1]}, {"r": [1, 1]}, {"r": [2, 3]}, {"r": [4, 5]}])
+    kept, st = rl.collect_groups(sample, four, lambda g: g, n_groups=2, max_prompts=10, first_round=4)
+    assert kept == [[0, 1], [2, 3]] and rounds == [4] and st["groups_dropped"] == 1
 
 
 @pytest.mark.parametrize("completion, mode, reason", [
