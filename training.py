@@ -248,6 +248,21 @@ def save_checkpoint(run_dir, step: int, net, opt, train_state: dict, keep_last: 
     return final
 
 
+def save_model_weights(path: Path, net) -> None:
+    """Weights and buffers only (no optimizer), e.g. a run's seeded starting point for init_from.
+    (Asking DCP for an empty optimizer's state would run a zero-LR step to create it.)"""
+    tmp = path.with_name(path.name + ".tmp")
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    dcp.save({"model": get_model_state_dict(net)}, checkpoint_id=str(tmp))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    dist.barrier()
+
+
 def load_checkpoint(path: Path, net, opt) -> dict:
     model_sd, optim_sd = get_state_dict(net, opt)
     state = {"model": model_sd, "optim": optim_sd}

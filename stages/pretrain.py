@@ -64,8 +64,7 @@ def run(cfg: DictConfig) -> dict:
             if rank == 0:
                 print(f"[{stage.name}] initialised from {init}", flush=True)
         if cfg.checkpoint.save_initial:  # a world-size-independent starting point (see conf)
-            state["loader"] = loader.state_dict()
-            training.save_checkpoint(run_dir, 0, net, opt, state, keep_last=0)
+            training.save_model_weights(run_dir / "initial", net)
 
     # ---- loop --------------------------------------------------------------------------
     log = training.MetricLog(run_dir, rank)
