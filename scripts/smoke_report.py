@@ -53,7 +53,8 @@ def plot(run_root: Path, out_png: Path) -> None:
                        label=f"format errors ({m})", linestyle="--")
     ax[2].set(title="RL (on-policy samples)", xlabel="step")
     for a in ax:
-        a.legend(fontsize=7)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=7)
         a.grid(alpha=0.3)
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
