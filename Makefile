@@ -10,10 +10,14 @@ HARDWARE  ?= cpu
 PARALLEL  ?= cpu_fsdp_ep
 NPROC     ?= 2
 ARGS      ?=
+# LAUNCHER: local (torchrun here) | slurm (submitit jobs chained with afterok); with slurm,
+# WAIT=1 waits for the chain and fails if a stage failed.
+LAUNCHER  ?= local
+WAIT      ?=
 export PYTHONPATH := $(CURDIR)
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup test smoke pretrain params bench clean
+.PHONY: setup test smoke pretrain post status params bench clean
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,8 +27,14 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 
 setup: $(VENV)/.installed
 
+# The `slurm` tests need a cluster: bring the local one up (root; Debian packages) unless one
+# already answers, and down again afterwards whatever pytest did. Under CI it must come up.
 test: setup artifacts/data/tiny/pretrain_s3/manifest.json
-	$(BIN)/pytest -q tests
+	@up=0; bash scripts/slurm_local.sh status 2>/dev/null && up=1; \
+	if [ $$up = 0 ]; then bash scripts/slurm_local.sh up || [ -z "$$CI" ] || exit 1; fi; \
+	rc=0; $(BIN)/pytest -q tests || rc=$$?; \
+	if [ $$up = 0 ]; then bash scripts/slurm_local.sh down || true; fi; \
+	exit $$rc
 
 params: setup
 	$(PYTHON) -m model --model $(MODEL)
@@ -36,10 +46,23 @@ OPTIM ?= $(if $(filter tiny,$(MODEL)),adamw_tiny,adamw)
 STAGE_ARGS = model=$(MODEL) hardware=$(HARDWARE) parallelism=$(PARALLEL) optim=$(OPTIM) $(ARGS)
 
 pretrain: setup $(if $(filter tiny,$(MODEL)),artifacts/data/tiny/pretrain_s3/manifest.json)
+ifeq ($(LAUNCHER),slurm)
+	$(PYTHON) launcher.py chain $(addprefix pretrain:,$(PRETRAIN_STAGES)) launcher=slurm $(STAGE_ARGS) $(if $(WAIT),--wait)
+else
 	@for s in $(PRETRAIN_STAGES); do \
 	  echo "== $$s"; \
 	  $(TORCHRUN) --nproc_per_node $(NPROC) --master_port $${MASTER_PORT:-29512} stages/pretrain.py stage=$$s $(STAGE_ARGS) || exit 1; \
 	done
+endif
+
+# Post-training chain (paper 4): instruct + reasoning SFT -> merge -> MOD SFT -> RL -> evaluate
+# (launcher.CHAINS["post"]); locally one stage after another, on Slurm chained with afterok.
+post: setup
+	$(PYTHON) launcher.py chain post launcher=$(LAUNCHER) model=$(MODEL) $(ARGS) $(if $(WAIT),--wait)
+
+# Each stage under runs/: DONE, RUNNING/PENDING (Slurm job), FAILED, CANCELLED, latest checkpoint.
+status: setup
+	@$(PYTHON) launcher.py status --runs runs
 
 # The tiny tokenizer and datasets are built on demand the first time a tiny run needs them.
 artifacts/tokenizer/tiny/tokenizer.json:

@@ -55,13 +55,10 @@ class LaunchError(RuntimeError):
 # ---------------------------------------------------------------------------------------
 # Config: compose exactly what the stage's own @hydra.main would, then check it.
 # ---------------------------------------------------------------------------------------
-def compose(script: str, overrides: list[str], conf_dir: Path) -> DictConfig:
-    """The stage's config with the hydra node, interpolations resolved (what the job will see)."""
+def _compose(script: str, overrides: list[str], conf_dir: Path) -> DictConfig:
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
-    if not (conf_dir / f"{script}.yaml").exists():
-        raise LaunchError(f"no config {conf_dir / script}.yaml for stage script {script}")
     with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base="1.3", job_name=script):
         cfg = hydra_compose(config_name=script, overrides=overrides, return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)  # lets ${hydra:...} interpolations resolve
@@ -70,10 +67,35 @@ def compose(script: str, overrides: list[str], conf_dir: Path) -> DictConfig:
     return job
 
 
+def compose(script: str, overrides: list[str], conf_dir: Path) -> tuple[DictConfig, list[str]]:
+    """The stage's config, interpolations resolved (what the job will see), and the overrides
+    that produce it: `launcher=X` becomes `+launcher=X` for a config without a launcher group."""
+    from hydra.errors import ConfigCompositionException
+
+    if not (conf_dir / f"{script}.yaml").exists():
+        raise LaunchError(f"no config {conf_dir / script}.yaml for stage script {script}")
+    try:
+        return _compose(script, overrides, conf_dir), overrides
+    except ConfigCompositionException as e:
+        if "override 'launcher'" not in str(e):
+            raise LaunchError(f"{script}: {e}") from None
+    overrides = ["+" + o if o.startswith("launcher=") else o for o in overrides]
+    return _compose(script, overrides, conf_dir), overrides
+
+
+# Stages without a hardware group (merge, evaluate) run as one CPU task.
+ONE_TASK = {"name": "one_task", "device": "cpu", "nodes": 1, "procs_per_node": 1, "gpus_per_node": 0,
+            "cpus_per_task": 1, "mem_gb": 8}
+
+
+def hardware_of(cfg: DictConfig) -> DictConfig:
+    return cfg.hardware if "hardware" in cfg else OmegaConf.create(ONE_TASK)
+
+
 def config_errors(cfg: DictConfig) -> list[str]:
     """Hardware x parallelism x model x batch problems; launcher-specific ones first."""
     out = []
-    hw = cfg.hardware
+    hw = hardware_of(cfg)
     if hw.device == "cuda" and hw.procs_per_node != hw.gpus_per_node:
         out.append(f"hardware/{hw.name}.yaml: procs_per_node={hw.procs_per_node} must equal "
                    f"gpus_per_node={hw.gpus_per_node} (one rank per GPU)")
@@ -120,9 +142,15 @@ class SlurmTask(submitit.helpers.Checkpointable):
         logging.getLogger("submitit").propagate = False  # it has its own handler
         print(f"[launcher] job {env.job_id} task {env.global_rank}/{env.num_tasks} on {env.hostname}, "
               f"restart {os.environ.get('SLURM_RESTART_COUNT', '0')}", flush=True)
+        cfg = OmegaConf.create(self.cfg_yaml)
+        done = Path(cfg.run_dir) / "DONE.json"
+        if int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0 and done.exists():
+            # Requeued after the stage had finished (Slurm kills a job KillWait seconds after its
+            # requeue signal, the run may complete meanwhile): its summary stands, nothing reruns.
+            return json.loads(done.read_text())
         stage = load_stage(self.script_path)
         try:
-            return stage.run(OmegaConf.create(self.cfg_yaml))
+            return stage.run(cfg)
         finally:
             import torch.distributed as dist
             if dist.is_initialized():
@@ -151,7 +179,7 @@ class HydraCallback(Callback):
 # Submission.
 # ---------------------------------------------------------------------------------------
 def slurm_executor(cfg: DictConfig, folder: Path, name: str, after: list[str]) -> submitit.AutoExecutor:
-    hw, la = cfg.hardware, cfg.launcher
+    hw, la = hardware_of(cfg), cfg.launcher
     # Cluster-specific settings live in the launcher config; a hardware config may override
     # them for its cluster under `slurm:` (e.g. partition, constraint).
     sl = {**OmegaConf.to_container(la), **OmegaConf.to_container(hw.get("slurm") or OmegaConf.create())}
@@ -203,7 +231,7 @@ def run_local(script_path: Path, cfg: DictConfig, overrides: list[str]) -> int:
     config itself from the same overrides (and Hydra saves it under <run_dir>/hydra)."""
     run_dir = Path(cfg.run_dir).resolve()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={cfg.hardware.procs_per_node}", str(script_path), *overrides]
+           f"--nproc_per_node={hardware_of(cfg).procs_per_node}", str(script_path), *overrides]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     record(run_dir, launcher="local", state="RUNNING", overrides=overrides)
     print(f"[launcher] {' '.join(cmd)}", flush=True)
@@ -226,8 +254,10 @@ def parse_spec(spec: str, stages_dir: Path) -> list[tuple[Path, list[str]]]:
 
 def chain(specs: list[str], overrides: list[str], stages_dir: Path, conf_dir: Path, wait: bool) -> int:
     """Compose and check every stage first, then launch; returns a process exit code."""
-    steps = [[(path, stage_ov + overrides) for path, stage_ov in parse_spec(s, stages_dir)] for s in specs]
-    composed = [[(path, ov, compose(path.stem, ov, conf_dir)) for path, ov in step] for step in steps]
+    # A spec's own overrides come last so that they win over the ones for every stage.
+    steps = [[(path, overrides + stage_ov) for path, stage_ov in parse_spec(s, stages_dir)] for s in specs]
+    composed = [[(path, *compose(path.stem, ov, conf_dir)[::-1]) for path, ov in step]  # (path, ov, cfg)
+                for step in steps]
     for step in composed:
         for path, ov, cfg in step:
             check(cfg)
@@ -338,14 +368,15 @@ def main(argv: list[str] | None = None) -> int:
             raise LaunchError(f"{a.command}: name a stage script (e.g. pretrain) or a chain ({', '.join(CHAINS)})")
         if a.command == "check":
             for path, ov in parse_spec(specs[0], a.stages_dir):
-                cfg = compose(path.stem, ov + overrides, a.conf_dir)
+                cfg, _ = compose(path.stem, ov + overrides, a.conf_dir)
                 errs = config_errors(cfg)
                 for e in errs:
                     print(f"axk1: {e}", file=sys.stderr)
                 if errs:
                     return 2
-                hw = cfg.hardware
-                print(f"ok: {path.stem} on {hw.nodes} x {hw.procs_per_node} ranks ({hw.name}), launcher {cfg.launcher.name}")
+                hw = hardware_of(cfg)
+                print(f"ok: {path.stem} on {hw.nodes} x {hw.procs_per_node} ranks ({hw.name}), "
+                      f"launcher {OmegaConf.select(cfg, 'launcher.name', default='local')}")
             return 0
         if a.command == "run" and len(specs) != 1:
             raise LaunchError("run takes one spec; use chain for several")

@@ -66,6 +66,7 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 MpiDefault=none
+MailProg=/bin/true
 # One CPU (and its memory) per task is the schedulable unit, so two 1-CPU tasks share the node.
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU_Memory
@@ -74,8 +75,8 @@ SchedulerType=sched/backfill
 SchedulerParameters=kill_invalid_depend
 # Keep finished jobs visible to scontrol for an hour: there is no accounting database for sacct.
 MinJobAge=3600
-# Requeued or cancelled jobs are killed after 5 s instead of 30 s (keeps the tests short).
-KillWait=5
+# Requeued or cancelled jobs are killed 2 s after SIGTERM instead of 30 s (keeps the tests short).
+KillWait=2
 JobRequeue=1
 ReturnToService=2
 SlurmctldTimeout=30

@@ -52,7 +52,7 @@ def test_wrong_combination_is_refused_before_submission_with_one_line(tmp_path):
 def test_sbatch_script_from_hardware_and_launcher_config(tmp_path):
     cfg = launcher.compose("toy", ["launcher=slurm", "hardware=h200_1536", "launcher.partition=gpu",
                                    "launcher.account=axk1", "launcher.qos=high", f"paths.runs={tmp_path}"],
-                           ROOT / "tests/fixtures/conf")
+                           ROOT / "tests/fixtures/conf")[0]
     ex = launcher.slurm_executor(cfg, tmp_path / "%j", "axk1-test", after=["11", "12"])
     from submitit.slurm.slurm import _make_sbatch_string
     text = _make_sbatch_string(command="python -m submitit.core._submit X", folder=tmp_path / "%j",
@@ -84,19 +84,6 @@ def test_local_chain_stops_at_a_failed_stage(tmp_path):
     rows = {r["stage"]: r for r in launcher.status(tmp_path)}
     assert rows["toy/toy"]["state"] == "FAILED"
     assert rows["toy/toy"]["checkpoint"] == "-"  # failed at step 2, before the first checkpoint (3)
-
-
-@pytest.mark.slow
-def test_local_chain_and_status(tmp_path):
-    p = cli("chain", "toy,stage.steps=3", "toy,stage.name=second,stage.steps=2", *TOY,
-            "launcher=local", f"paths.runs={tmp_path}")
-    assert p.returncode == 0, p.stdout + p.stderr
-    for name, steps in [("toy", 3), ("second", 2)]:
-        done = json.loads((tmp_path / "toy" / name / "DONE.json").read_text())
-        assert done["step"] == steps and done["world"] == 2  # torchrun started hardware.procs_per_node ranks
-    p = cli("status", "--runs", str(tmp_path))
-    assert p.returncode == 0
-    assert [ln.split()[:2] for ln in p.stdout.splitlines()[1:]] == [["toy/toy", "DONE"], ["toy/second", "DONE"]]
 
 
 @pytest.mark.slow

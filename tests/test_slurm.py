@@ -29,9 +29,14 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow,
               pytest.mark.skipif(not cluster_up(), reason="no Slurm cluster answers (scripts/slurm_local.sh up)")]
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
-# The stage under test: a toy with the stage contract (see tests/fixtures/conf/toy.yaml).
-STAGE = ["--stages-dir", "tests/fixtures/stages", "--conf-dir", "tests/fixtures/conf", "launcher=slurm"]
-TIMEOUT = 300
+# The real tiny pre-training (FSDP2 x EP 2 over 2 Slurm tasks), cut to 15 steps of 8 sequences
+# with a checkpoint every 3 (the stage keeps the last 2).
+PRETRAIN = ["launcher=slurm", f"data.root={ROOT / 'artifacts/data/tiny'}", "stage.budget.tiny.tokens=15360",
+            "stage.budget.tiny.batch_start=8", "stage.budget.tiny.batch_end=8",
+            "stage.budget.tiny.batch_increment=0", "checkpoint.every_steps=3", "log_every=1"]
+# A toy stage with the same contract, for the failure case (tests/fixtures/conf/toy.yaml).
+TOY = ["--stages-dir", "tests/fixtures/stages", "--conf-dir", "tests/fixtures/conf", "launcher=slurm"]
+TIMEOUT = 420
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -41,7 +46,6 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 def submitted(p: subprocess.CompletedProcess) -> dict[str, str]:
     """stage name -> job id, from the lines the launcher prints (name, id, dependency, run dir)."""
-    assert p.returncode == 0, p.stdout + p.stderr
     return {ln.split("\t")[0]: ln.split("\t")[1] for ln in p.stdout.splitlines() if ln.count("\t") == 3}
 
 
@@ -58,43 +62,46 @@ def wait_for(predicate, what: str, timeout: float = TIMEOUT):
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    """Stage `toy` (2 tasks, checkpoints every 3 of 12 steps) -> stage `second` (afterok)."""
+def chain(tmp_path_factory, tiny_data):
+    """pretrain_s1 (15 steps) -> pretrain_s2 (3 steps, from s1's final checkpoint), afterok."""
     runs = tmp_path_factory.mktemp("chain")
-    p = cli("chain", "toy", "toy,stage.name=second,stage.steps=4", *STAGE, f"paths.runs={runs}", "--wait")
-    return runs, p
+    p = cli("chain", "pretrain:pretrain_s1", "pretrain:pretrain_s2,stage.budget.tiny.tokens=3072", *PRETRAIN,
+            f"paths.runs={runs}", "--wait")
+    assert p.returncode == 0, p.stdout + p.stderr
+    return runs, p, submitted(p)
 
 
-def test_two_task_job_trains_and_checkpoints(chain):
-    runs, p = chain
-    ids = submitted(p)
-    assert "COMPLETED" in p.stdout, p.stdout
-    run_dir = runs / "toy" / "toy"
+def test_two_task_pretraining_job_trains_and_checkpoints(chain):
+    runs, p, ids = chain
+    run_dir = runs / "tiny" / "pretrain_s1"
     done = json.loads((run_dir / "DONE.json").read_text())
-    assert done["world"] == 2 and done["step"] == 12  # one Slurm task per rank, torch.distributed over both
-    assert (run_dir / "checkpoints" / "latest").read_text() == "step-00000012"
-    assert sorted(d.name for d in (run_dir / "checkpoints").glob("step-*")) == \
-        [f"step-{s:08d}" for s in (3, 6, 9, 12)]
-    # Logs of both tasks and the resolved config beside the job.
-    job_dir = run_dir / "slurm" / ids["toy"]
-    assert {f"{ids['toy']}_0_log.out", f"{ids['toy']}_1_log.out", "config.yaml"} <= {f.name for f in job_dir.iterdir()}
+    assert done["step"] == 15 and done["finished"]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-00000015"
+    assert (run_dir / "checkpoints" / "step-00000015").is_dir()
+    # Logs of both tasks (ranks) and the resolved config beside the job.
+    jid = ids["pretrain_s1"]
+    job_dir = run_dir / "slurm" / jid
+    assert {f"{jid}_0_log.out", f"{jid}_1_log.out", "config.yaml"} <= {f.name for f in job_dir.iterdir()}
+    assert "task 1/2" in (job_dir / f"{jid}_1_log.out").read_text()
     assert "every_steps: 3" in (job_dir / "config.yaml").read_text()
 
 
 def test_chain_second_stage_waits_for_the_first(chain):
-    runs, p = chain
-    ids = submitted(p)
-    assert f"second\t{ids['second']}\tafterok:{ids['toy']}\t" in p.stdout
-    assert job_field(ids["second"], "StartTime") >= job_field(ids["toy"], "EndTime")
-    assert json.loads((runs / "toy" / "second" / "DONE.json").read_text())["step"] == 4
+    runs, p, ids = chain
+    assert f"pretrain_s2\t{ids['pretrain_s2']}\tafterok:{ids['pretrain_s1']}\t" in p.stdout
+    assert job_field(ids["pretrain_s2"], "StartTime") >= job_field(ids["pretrain_s1"], "EndTime")
+    log = (runs / "tiny/pretrain_s2/slurm" / ids["pretrain_s2"] / f"{ids['pretrain_s2']}_0_log.out").read_text()
+    assert "initialised from" in log and "pretrain_s1/checkpoints/step-00000015" in log
+    assert json.loads((runs / "tiny/pretrain_s2/DONE.json").read_text())["step"] == 3
     st = cli("status", "--runs", str(runs))
-    assert [ln.split()[:2] for ln in st.stdout.splitlines()[1:]] == [["toy/toy", "DONE"], ["toy/second", "DONE"]]
+    assert [ln.split()[:2] for ln in st.stdout.splitlines()[1:]] == \
+        [["tiny/pretrain_s1", "DONE"], ["tiny/pretrain_s2", "DONE"]]
 
 
 def test_failed_stage_cancels_its_dependant(tmp_path):
-    p = cli("chain", "toy,stage.fail_at=1", "toy,stage.name=second", *STAGE, f"paths.runs={tmp_path}", "--wait")
+    p = cli("chain", "toy,stage.fail_at=1", "toy,stage.name=second", *TOY, f"paths.runs={tmp_path}", "--wait")
     assert p.returncode == 1, p.stdout + p.stderr
-    ids = submitted(subprocess.CompletedProcess(p.args, 0, p.stdout, p.stderr))
+    ids = submitted(p)
     assert launcher.slurm_state(ids["toy"]) == "FAILED"
     assert launcher.slurm_state(ids["second"]) == "CANCELLED"  # afterok can never be met
     rows = {r["stage"]: r["state"] for r in launcher.status(tmp_path)}
@@ -102,32 +109,37 @@ def test_failed_stage_cancels_its_dependant(tmp_path):
 
 
 def test_requeued_job_resumes_with_the_same_final_loss(chain, tmp_path):
-    runs, _ = chain
-    reference = json.loads((runs / "toy" / "toy" / "DONE.json").read_text())["final_loss"]
-    # The same stage (1 s per step, so it is mid-run when requeued) in a fresh run folder.
-    ids = submitted(cli("run", "toy", *STAGE, "stage.sleep_s=1", f"paths.runs={tmp_path}"))
-    jid, run_dir = ids["toy"], tmp_path / "toy" / "toy"
+    runs, _, _ = chain
+    reference = json.loads((runs / "tiny/pretrain_s1/DONE.json").read_text())["final_loss"]
+    # The same stage in a fresh run folder, requeued by Slurm as soon as its first checkpoint exists.
+    p = cli("run", "pretrain:pretrain_s1", *PRETRAIN, f"paths.runs={tmp_path}")
+    assert p.returncode == 0, p.stdout + p.stderr
+    jid, run_dir = submitted(p)["pretrain_s1"], tmp_path / "tiny" / "pretrain_s1"
     wait_for(lambda: (run_dir / "checkpoints" / "latest").exists(), "the first checkpoint")
     subprocess.run(["scontrol", "requeue", jid], check=True)
     # Slurm holds a requeued job back (BeginTime) for a while; start it as soon as it is pending.
     wait_for(lambda: job_field(jid, "JobState") == "PENDING", "the requeued job to be pending")
     subprocess.run(["scontrol", "update", f"jobid={jid}", "StartTime=now"], check=True)
-    assert launcher.wait_jobs([("toy", jid)]) == 0
+    assert launcher.wait_jobs([("pretrain_s1", jid)]) == 0
     assert job_field(jid, "Restarts") == "1"
     log = (run_dir / "slurm" / jid / f"{jid}_0_log.out").read_text()
-    assert "restart 1" in log and "resumed from step-" in log, log
+    assert "restart 1" in log and "resumed from" in log, log[-3000:]
     done = json.loads((run_dir / "DONE.json").read_text())
-    assert done["step"] == 12 and done["final_loss"] == reference
+    assert done["step"] == 15 and done["final_loss"] == pytest.approx(reference, rel=1e-6)
 
 
-def test_multirun_two_points_as_slurm_jobs(tmp_path):
-    # hydra-submitit-launcher: each point is its own Slurm job (array element) and output folder.
-    p = subprocess.run([sys.executable, "tests/fixtures/stages/toy.py", "-m", "stage.steps=2,3", "launcher=slurm",
+def test_multirun_two_points_as_slurm_jobs(tmp_path, tiny_data):
+    # hydra-submitit-launcher: each point is its own Slurm job (array element) and output folder;
+    # one rank each (parallelism=none) so that both fit on the 2-CPU test node at once.
+    p = subprocess.run([sys.executable, "stages/pretrain.py", "-m", "optim.lr=1e-4,3e-4", *PRETRAIN,
+                        "stage.budget.tiny.tokens=2048", "parallelism=none", "hardware.procs_per_node=1",
                         f"paths.runs={tmp_path}", "run_dir=${hydra:runtime.output_dir}"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    sweep = tmp_path / "multirun"
+    sweep = next((tmp_path / "multirun").iterdir())  # <paths.runs>/multirun/<time>/<job num>
     done = [json.loads((sweep / str(i) / "DONE.json").read_text()) for i in (0, 1)]
-    assert [(d["step"], d["world"]) for d in done] == [(2, 2), (3, 2)]
+    assert [d["step"] for d in done] == [2, 2] and done[0]["final_loss"] != done[1]["final_loss"]
+    from omegaconf import OmegaConf
+    assert [OmegaConf.load(sweep / str(i) / ".hydra/config.yaml").optim.lr for i in (0, 1)] == [1e-4, 3e-4]
     jobs = sorted(d.name for d in (sweep / ".submitit").iterdir() if d.is_dir() and "_" in d.name)
     assert len(jobs) == 2 and all(launcher.slurm_state(j) == "COMPLETED" for j in jobs), jobs
