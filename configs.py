@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from math import prod
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+# ${same_tokens:B,S0,S}: the batch (sequences) at length S that carries as many tokens as B
+# sequences of length S0 (the long-context stages keep the ~64M/75M tokens per step of 4K).
+OmegaConf.register_new_resolver(
+    "same_tokens", lambda b, s0, s: None if b is None else int(b) * int(s0) // int(s), replace=True)
 
 
 class ConfigError(ValueError):

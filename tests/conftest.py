@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import configs  # noqa: E402,F401  (registers the config resolvers)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 

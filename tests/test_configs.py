@@ -56,3 +56,30 @@ def test_validate_raises_with_all_lines():
     with pytest.raises(configs.ConfigError) as e:
         configs.validate(compose_cfg(overrides=["model.vocab_size=4000", "hardware.attention=flex"]), 2)
     assert str(e.value).count("\n") == 2
+
+
+def test_deepep_without_the_package_stops_with_one_line(single_process_group):
+    import training
+
+    cfg = compose_cfg(overrides=["parallelism=none", "parallelism.moe_comm_backend=deepep"])
+    with pytest.raises(RuntimeError, match="needs the deep_ep package") as e:
+        training.build_model(cfg, 1, bias_update_rate=1e-3, seed=0)
+    assert "\n" not in str(e.value)
+
+
+def test_float8_on_cpu_stops_with_one_line(single_process_group):
+    import training
+
+    cfg = compose_cfg(overrides=["parallelism=none", "hardware.float8=true"])
+    with pytest.raises(RuntimeError, match="float8=true needs CUDA GPUs"):
+        training.build_model(cfg, 1, bias_update_rate=1e-3, seed=0)
+
+
+@pytest.mark.parametrize("hw,par,stage", [
+    ("h200_1024", "axk1_pretrain", "pretrain_s1"), ("h200_1536", "axk1_pretrain", "pretrain_s2"),
+    ("h200_1536", "axk1_16k", "pretrain_s3_16k"), ("h200_1536", "axk1_32k", "pretrain_s3_32k"),
+])
+def test_paper_layouts_validate_apart_from_mtp(hw, par, stage):
+    ov = ["model=axk1_519b", "optim=adamw", f"hardware={hw}", f"parallelism={par}", f"stage={stage}",
+          "model.num_mtp_layers=0"]
+    assert errs(ov) == []
