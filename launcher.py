@@ -59,6 +59,8 @@ def _compose(script: str, overrides: list[str], conf_dir: Path) -> DictConfig:
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
+    import configs  # noqa: F401  registers the kit's OmegaConf resolvers (e.g. same_tokens)
+
     with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base="1.3", job_name=script):
         cfg = hydra_compose(config_name=script, overrides=overrides, return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)  # lets ${hydra:...} interpolations resolve
@@ -206,7 +208,7 @@ def slurm_executor(cfg: DictConfig, folder: Path, name: str, after: list[str]) -
 def record(run_dir: Path, **fields) -> None:
     """Append to <run_dir>/jobs.jsonl: what was launched there, for `status`."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    fields["time"] = datetime.datetime.now().isoformat(timespec="seconds")
+    fields["time"] = datetime.datetime.now().isoformat(timespec="microseconds")  # orders `status`
     with open(run_dir / "jobs.jsonl", "a") as f:
         f.write(json.dumps(fields) + "\n")
 
@@ -337,9 +339,12 @@ def stage_state(run_dir: Path) -> dict:
 
 
 def status(runs: Path) -> list[dict]:
-    dirs = sorted({p.parent for pat in ("*/*/jobs.jsonl", "*/*/DONE.json", "*/*/checkpoints")
-                   for p in runs.glob(pat)}, key=lambda d: d.stat().st_mtime)
-    return [stage_state(d) for d in dirs]
+    def started(d: Path) -> float:  # chain order: when the stage was first launched
+        first = d / "jobs.jsonl" if (d / "jobs.jsonl").exists() else d
+        return first.stat().st_ctime if first.is_dir() else \
+            datetime.datetime.fromisoformat(json.loads(first.read_text().splitlines()[0])["time"]).timestamp()
+    dirs = {p.parent for pat in ("*/*/jobs.jsonl", "*/*/DONE.json", "*/*/checkpoints") for p in runs.glob(pat)}
+    return [stage_state(d) for d in sorted(dirs, key=lambda d: (started(d), d.name))]
 
 
 # ---------------------------------------------------------------------------------------

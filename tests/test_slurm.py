@@ -142,4 +142,4 @@ def test_multirun_two_points_as_slurm_jobs(tmp_path, tiny_data):
     from omegaconf import OmegaConf
     assert [OmegaConf.load(sweep / str(i) / ".hydra/config.yaml").optim.lr for i in (0, 1)] == [1e-4, 3e-4]
     jobs = sorted(d.name for d in (sweep / ".submitit").iterdir() if d.is_dir() and "_" in d.name)
-    assert len(jobs) == 2 and all(launcher.slurm_state(j) == "COMPLETED" for j in jobs), jobs
+    assert len(jobs) == 2 and launcher.wait_jobs([(j, j) for j in jobs]) == 0, jobs  # COMPLETING -> COMPLETED
