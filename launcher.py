@@ -31,12 +31,13 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import submitit
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from stages.status import slurm_state, status, wait_jobs  # noqa: F401  (also the launcher's API)
 
 ROOT = Path(__file__).resolve().parent
 CHAINS = {  # SPEC 3 (pre-training stages) and SPEC 4 (Think-Fusion post-training)
@@ -44,8 +45,6 @@ CHAINS = {  # SPEC 3 (pre-training stages) and SPEC 4 (Think-Fusion post-trainin
                  "pretrain:pretrain_s3_32k"],
     "post": ["sft:sft_instruct+sft:sft_reasoning", "merge", "sft:mod_sft", "rl", "evaluate"],
 }
-FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-            "BOOT_FAIL", "DEADLINE", "PREEMPTED", "SPECIAL_EXIT"}
 
 
 class LaunchError(RuntimeError):
@@ -160,7 +159,8 @@ class SlurmTask(submitit.helpers.Checkpointable):
 
 
 class HydraCallback(Callback):
-    """Hydra multirun through hydra-submitit-launcher (conf/launcher/*.yaml installs it)."""
+    """Installed by conf/launcher/*.yaml: a plain run with launcher=slurm submits; a multirun goes
+    through hydra-submitit-launcher, checked first, one task per rank."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         # Check the base config once, before any job is submitted; the tasks need this repo
@@ -171,6 +171,22 @@ class HydraCallback(Callback):
         except LaunchError as e:
             sys.exit(f"axk1: {e}")
         os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        # `python stages/X.py launcher=slurm ...` (no -m): submit through this launcher, like
+        # `launcher.py run X ...`, instead of training in this process.
+        if OmegaConf.select(config, "launcher.name") != "slurm" or os.environ.get("SUBMITIT_EXECUTOR"):
+            return
+        script = Path(sys.argv[0]).resolve()
+        conf = next(s.path for s in config.hydra.runtime.config_sources if s.provider == "main")
+        from hydra.core.global_hydra import GlobalHydra
+        GlobalHydra.instance().clear()  # compose() below starts its own Hydra
+        try:  # Hydra turns a callback's exception into a warning and would go on to train here
+            rc = main(["run", script.stem, *config.hydra.overrides.task, "--stages-dir", str(script.parent),
+                       "--conf-dir", conf.removeprefix("file://")])
+        except Exception as e:
+            sys.exit(f"axk1: {e}")
+        sys.exit(rc)
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         if os.environ.get("SUBMITIT_EXECUTOR"):  # inside a submitit job: one task per rank
@@ -285,69 +301,6 @@ def chain(specs: list[str], overrides: list[str], stages_dir: Path, conf_dir: Pa
 
 
 # ---------------------------------------------------------------------------------------
-# State: Slurm's view of a job, and every stage's view of its run directory.
-# ---------------------------------------------------------------------------------------
-def slurm_state(job_id: str) -> str:
-    """PENDING/RUNNING/COMPLETED/FAILED/... from scontrol (live and recently finished jobs),
-    else sacct (older jobs, where accounting is configured), else UNKNOWN."""
-    try:
-        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
-        for field in out.stdout.split():
-            if field.startswith("JobState="):
-                return field.split("=", 1)[1]
-        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id],
-                             capture_output=True, text=True, timeout=30)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.split()[0]
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    return "UNKNOWN"
-
-
-def wait_jobs(jobs: list[tuple[str, str]], poll_s: float = 3.0) -> int:
-    """Wait until every job has finished; exit code 0 only if all COMPLETED."""
-    last: dict[str, str] = {}
-    while True:
-        states = {jid: slurm_state(jid) for _, jid in jobs}
-        for label, jid in jobs:
-            if states[jid] != last.get(jid):
-                print(f"[launcher] {label} ({jid}): {states[jid]}", flush=True)
-        last = states
-        if all(s in FINISHED for s in states.values()):
-            return 0 if all(s == "COMPLETED" for s in states.values()) else 1
-        time.sleep(poll_s)
-
-
-def stage_state(run_dir: Path) -> dict:
-    jobs = [json.loads(line) for line in (run_dir / "jobs.jsonl").read_text().splitlines()] \
-        if (run_dir / "jobs.jsonl").exists() else []
-    latest = run_dir / "checkpoints" / "latest"
-    row = {"stage": f"{run_dir.parent.name}/{run_dir.name}", "job": "-",
-           "checkpoint": latest.read_text().strip() if latest.exists() else "-"}
-    if (run_dir / "DONE.json").exists():
-        done = json.loads((run_dir / "DONE.json").read_text())
-        row["state"] = "DONE"
-        row["detail"] = f"final_loss {done['final_loss']:.4f}" if "final_loss" in done else ""
-    elif jobs:
-        last = jobs[-1]
-        row["job"] = last.get("job_id", "local")
-        row["state"] = slurm_state(last["job_id"]) if last["launcher"] == "slurm" else last.get("state", "UNKNOWN")
-        row["detail"] = f"after {','.join(last['after'])}" if last.get("after") else ""
-    else:
-        row["state"], row["detail"] = ("STOPPED" if latest.exists() else "NOT STARTED"), ""
-    return row
-
-
-def status(runs: Path) -> list[dict]:
-    def started(d: Path) -> float:  # chain order: when the stage was first launched
-        first = d / "jobs.jsonl" if (d / "jobs.jsonl").exists() else d
-        return first.stat().st_ctime if first.is_dir() else \
-            datetime.datetime.fromisoformat(json.loads(first.read_text().splitlines()[0])["time"]).timestamp()
-    dirs = {p.parent for pat in ("*/*/jobs.jsonl", "*/*/DONE.json", "*/*/checkpoints") for p in runs.glob(pat)}
-    return [stage_state(d) for d in sorted(dirs, key=lambda d: (started(d), d.name))]
-
-
-# ---------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="launcher.py", description=__doc__.split("\n")[0])
     ap.add_argument("command", choices=["run", "chain", "status", "check"])
@@ -362,12 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [x for x in a.args if x not in specs]
     try:
         if a.command == "status":
-            rows = status(Path(a.runs))
-            print(f"{'STAGE':32} {'STATE':12} {'JOB':10} {'CHECKPOINT':22} DETAIL")
-            for r in rows:
-                print(f"{r['stage']:32} {r['state']:12} {r['job']:10} {r['checkpoint']:22} {r.get('detail', '')}")
-            if not rows:
-                print(f"(no stage has run under {a.runs}/)")
+            from stages.status import print_status
+            print_status(Path(a.runs))
             return 0
         if not specs:
             raise LaunchError(f"{a.command}: name a stage script (e.g. pretrain) or a chain ({', '.join(CHAINS)})")

@@ -108,6 +108,16 @@ def test_failed_stage_cancels_its_dependant(tmp_path):
     assert rows == {"toy/toy": "FAILED", "toy/second": "CANCELLED"}
 
 
+def test_stage_script_with_launcher_slurm_submits_instead_of_running_here(tmp_path):
+    p = subprocess.run([sys.executable, "tests/fixtures/stages/toy.py", "launcher=slurm", "stage.steps=2",
+                        f"paths.runs={tmp_path}"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    jid = submitted(p)["toy"]
+    assert "[toy] step" not in p.stdout  # nothing trained in this process
+    assert launcher.wait_jobs([("toy", jid)]) == 0
+    assert json.loads((tmp_path / "toy/toy/DONE.json").read_text())["world"] == 2
+
+
 def test_requeued_job_resumes_with_the_same_final_loss(chain, tmp_path):
     runs, _, _ = chain
     reference = json.loads((runs / "tiny/pretrain_s1/DONE.json").read_text())["final_loss"]
