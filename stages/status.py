@@ -56,7 +56,7 @@ def stage_state(run_dir: Path) -> dict:
     jobs = [json.loads(line) for line in (run_dir / "jobs.jsonl").read_text().splitlines()] \
         if (run_dir / "jobs.jsonl").exists() else []
     latest = run_dir / "checkpoints" / "latest"
-    row = {"stage": f"{run_dir.parent.name}/{run_dir.name}", "job": "-",
+    row = {"stage": f"{run_dir.parent.name}/{run_dir.name}", "job": jobs[-1].get("job_id", "local") if jobs else "-",
            "checkpoint": latest.read_text().strip() if latest.exists() else "-"}
     if (run_dir / "DONE.json").exists():
         done = json.loads((run_dir / "DONE.json").read_text())
@@ -64,7 +64,6 @@ def stage_state(run_dir: Path) -> dict:
         row["detail"] = f"final_loss {done['final_loss']:.4f}" if "final_loss" in done else ""
     elif jobs:
         last = jobs[-1]
-        row["job"] = last.get("job_id", "local")
         row["state"] = slurm_state(last["job_id"]) if last["launcher"] == "slurm" else last.get("state", "UNKNOWN")
         row["detail"] = f"after {','.join(last['after'])}" if last.get("after") else ""
     else:

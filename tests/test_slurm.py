@@ -108,14 +108,35 @@ def test_failed_stage_cancels_its_dependant(tmp_path):
     assert rows == {"toy/toy": "FAILED", "toy/second": "CANCELLED"}
 
 
-def test_stage_script_with_launcher_slurm_submits_instead_of_running_here(tmp_path):
-    p = subprocess.run([sys.executable, "tests/fixtures/stages/toy.py", "launcher=slurm", "stage.steps=2",
-                        f"paths.runs={tmp_path}"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+@pytest.fixture(scope="module")
+def toy_reference(tmp_path_factory) -> dict:
+    """The toy stage run uninterrupted, submitted by the stage script itself (launcher=slurm)."""
+    runs = tmp_path_factory.mktemp("toy")
+    p = subprocess.run([sys.executable, "tests/fixtures/stages/toy.py", "launcher=slurm", f"paths.runs={runs}"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
     assert p.returncode == 0, p.stdout + p.stderr
-    jid = submitted(p)["toy"]
-    assert "[toy] step" not in p.stdout  # nothing trained in this process
+    assert "[toy] step" not in p.stdout  # nothing trained in this process: it submitted
+    assert launcher.wait_jobs([("toy", submitted(p)["toy"])]) == 0
+    return json.loads((runs / "toy/toy/DONE.json").read_text())
+
+
+def test_stage_script_with_launcher_slurm_submits_instead_of_running_here(toy_reference):
+    assert toy_reference["world"] == 2 and toy_reference["step"] == 12
+
+
+def test_preempted_job_is_requeued_by_submitit_and_resumes(toy_reference, tmp_path):
+    # USR2 is what Slurm sends signal_delay_s before the time limit (and what submitit uses for
+    # preemption): rank 0 checkpoints the submission and requeues the job itself.
+    ids = submitted(cli("run", "toy", *TOY, "stage.sleep_s=1", f"paths.runs={tmp_path}"))
+    jid, run_dir = ids["toy"], tmp_path / "toy" / "toy"
+    wait_for(lambda: (run_dir / "checkpoints" / "latest").exists(), "the first checkpoint")
+    subprocess.run(["scancel", "--signal=USR2", jid], check=True)
+    wait_for(lambda: job_field(jid, "JobState") == "PENDING", "the requeued job to be pending")
+    subprocess.run(["scontrol", "update", f"jobid={jid}", "StartTime=now"], check=True)
     assert launcher.wait_jobs([("toy", jid)]) == 0
-    assert json.loads((tmp_path / "toy/toy/DONE.json").read_text())["world"] == 2
+    log = (run_dir / "slurm" / jid / f"{jid}_0_log.out").read_text()
+    assert "Requeued job" in log and "restart 1" in log and "[toy] resumed from step-" in log, log
+    assert json.loads((run_dir / "DONE.json").read_text())["final_loss"] == toy_reference["final_loss"]
 
 
 def test_requeued_job_resumes_with_the_same_final_loss(chain, tmp_path):
