@@ -284,7 +284,8 @@ def chain(specs: list[str], overrides: list[str], stages_dir: Path, conf_dir: Pa
         for i, step in enumerate(composed):
             for path, ov, cfg in step:
                 if run_local(path, cfg, ov) != 0:
-                    left = [OmegaConf.select(c, "stage.name", default=p.stem) for s in composed[i + 1:] for p, _, c in s]
+                    left = [OmegaConf.select(c, "stage.name", default=p.stem)
+                            for later in composed[i + 1:] for p, _, c in later]
                     print(f"[launcher] {path.stem} failed; not started: {', '.join(left) or 'none'}")
                     return 1
         return 0
