@@ -72,8 +72,10 @@ artifacts/data/tiny/pretrain_s3/manifest.json: artifacts/tokenizer/tiny/tokenize
 
 # The README's first command: the whole pipeline on the tiny config, on CPU.
 smoke: setup
-	rm -rf runs/tiny
+	rm -rf runs/tiny runs/smoke && mkdir -p runs/smoke && date +%s > runs/smoke/start
 	$(MAKE) pretrain MODEL=tiny HARDWARE=cpu PARALLEL=cpu_fsdp_ep
+	$(MAKE) post MODEL=tiny
+	$(PYTHON) scripts/smoke_report.py --runs runs --model tiny --out runs/smoke/report.md --start-file runs/smoke/start
 
 clean:
 	rm -rf runs outputs multirun

@@ -51,7 +51,7 @@ def run(cfg: DictConfig) -> dict:
                                         dp_rank=dp_rank, dp_size=dp_size, seed=cfg.seed)
 
     # ---- resume, or start from the previous stage ----------------------------------------
-    state = {"step": 0, "samples": 0, "tokens": 0}
+    state = {"step": 0, "samples": 0, "tokens": 0, "loss": float("nan")}
     latest = training.latest_checkpoint(run_dir)
     if latest is not None:
         state = training.load_checkpoint(latest, net, opt)
@@ -71,7 +71,7 @@ def run(cfg: DictConfig) -> dict:
     device = training.device_of(cfg.hardware)
     peak_flops = cfg.hardware.peak_tflops * 1e12 * world
     micro = cfg.parallelism.micro_batch
-    steps_run, t_last, loss_val = 0, time.perf_counter(), float("nan")
+    steps_run, t_last, loss_val = 0, time.perf_counter(), state["loss"]  # a finished stage re-run keeps its loss
     while state["tokens"] < b.tokens:
         if cfg.max_steps is not None and steps_run >= cfg.max_steps:
             break
@@ -110,6 +110,7 @@ def run(cfg: DictConfig) -> dict:
         aux_v = float(sums[2]) / dp_size
         loss_val = lm_v + stage.mtp_scale * mtp_v + aux_v
         state["step"] += 1
+        state["loss"] = loss_val
         state["samples"] += global_batch
         state["tokens"] += global_batch * b.seq_len
         steps_run += 1
