@@ -71,7 +71,7 @@ def run(cfg: DictConfig) -> dict:
     device = training.device_of(cfg.hardware)
     peak_flops = cfg.hardware.peak_tflops * 1e12 * world
     micro = cfg.parallelism.micro_batch
-    steps_run, t_last, loss_val = 0, time.perf_counter(), state["loss"]  # a finished stage re-run keeps its loss
+    steps_run, t_last, loss_val = 0, time.perf_counter(), state.get("loss", float("nan"))  # re-run of a finished stage
     while state["tokens"] < b.tokens:
         if cfg.max_steps is not None and steps_run >= cfg.max_steps:
             break
