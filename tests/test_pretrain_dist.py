@@ -75,11 +75,13 @@ def test_two_rank_fsdp_ep_matches_one_rank(tmp_path, tiny_data):
     assert sorted(a) == sorted(b) == list(range(1, 17))
     # Same data, same start, same maths; only the GEMM/reduction order and the EP all-to-all
     # layout differ, so the curves agree to fp32 round-off; a near-tied top-k choice can flip and
-    # leave a small mark (measured: all steps equal to 1e-10 but one at 1.6e-4). Tolerance 1e-3:
-    # a wrong gradient reduction or loss normalisation moves the curves by more from step 2 on.
+    # leave a small mark. Measured: here all steps equal to 1e-10 but one at 1.6e-4; on the CI
+    # machine (another CPU, other SIMD paths) a median step of 4.3e-6, as round-off compounds over
+    # 16 AdamW steps. Tolerance 1e-3 on every step, 1e-4 on the median: a wrong gradient reduction
+    # or loss normalisation moves the curves by more from step 2 on.
     diffs = [abs(a[s] - b[s]) for s in a]
     assert max(diffs) < 1e-3, list(zip(a.values(), b.values()))
-    assert sorted(diffs)[len(diffs) // 2] < 1e-6  # the typical step agrees to round-off
+    assert sorted(diffs)[len(diffs) // 2] < 1e-4, diffs  # the typical step agrees to round-off
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_curve(tmp_path, tiny_data):
