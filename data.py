@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -178,11 +179,24 @@ def iter_records(cfg, stats: dict | None) -> Iterator[dict]:
     elif kind == "package_docs":
         import importlib.metadata as md
 
-        dists = sorted(md.distributions(), key=lambda d: (d.metadata.get("Name") or "").lower())
+        def norm(n: str) -> str:  # PEP 503 name normalisation
+            return re.sub(r"[-_.]+", "-", n).lower()
+
+        dists = sorted(md.distributions(), key=lambda d: norm(d.metadata.get("Name") or ""))
+        # packages_from: only the packages a lock file pins, so the corpus does not change when a
+        # developer installs a tool into the same venv.
+        pinned = None
+        if cfg.get("packages_from"):
+            lock = Path(__file__).resolve().parent / cfg["packages_from"]  # repo-relative unless absolute
+            pinned = {norm(l.split("==")[0]) for l in lock.read_text().splitlines() if "==" in l}
+            missing = pinned - {norm(d.metadata.get("Name") or "") for d in dists}
+            if missing:
+                raise SystemExit(f"source {name}: {lock} pins {sorted(missing)[:5]} but they are not "
+                                 f"installed; run `make setup`")
         seen = set()
         for d in dists:
-            pkg = (d.metadata.get("Name") or "").lower()
-            if pkg in seen:
+            pkg = norm(d.metadata.get("Name") or "")
+            if pkg in seen or (pinned is not None and pkg not in pinned):
                 continue
             seen.add(pkg)
             desc = d.metadata.get("Description") or d.metadata.get_payload() or ""

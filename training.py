@@ -312,6 +312,25 @@ class MetricLog:
             print(console, flush=True)
 
 
+def finish_stage(run_dir: str | Path, summary: dict) -> dict:
+    """End of a stage's loop on every rank: a finished stage gets DONE.json (what the next stage,
+    `make status` and the launcher look for), written via a temporary file so a kill mid-write
+    never leaves a half file that reads as done."""
+    if dist.get_rank() == 0 and summary["finished"]:
+        tmp = Path(run_dir) / "DONE.json.tmp"
+        tmp.write_text(json.dumps(summary))
+        os.replace(tmp, Path(run_dir) / "DONE.json")
+    dist.barrier()
+    return summary
+
+
+def print_summary_and_close(summary: dict) -> None:
+    """Last words of a stage script: one JSON line on rank 0 (the launcher and tests read it)."""
+    if dist.get_rank() == 0:
+        print(json.dumps(summary), flush=True)
+    dist.destroy_process_group()
+
+
 def save_resolved_config(cfg: DictConfig, run_dir: str | Path, rank: int) -> None:
     if rank == 0:
         Path(run_dir).mkdir(parents=True, exist_ok=True)

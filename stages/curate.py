@@ -141,6 +141,23 @@ def filter_and_dedup(docs: list[dict], dc: DictConfig, work: Path, audit: dict) 
     return kept
 
 
+def stratified_sample(docs: list[dict], n: int, rng) -> list[str]:
+    """n texts with every language given an equal share first (what a small language cannot fill
+    goes to the others). A plain random sample gives Korean a few examples out of hundreds, and the
+    quality model then learns "Hangul looks unusual" and drops most Korean text."""
+    by_lang: dict[str, list[str]] = {}
+    for d in docs:
+        by_lang.setdefault(d.get("lang", "und"), []).append(d["text"])
+    pools = [rng.sample(v, len(v)) for _, v in sorted(by_lang.items())]
+    out: list[str] = []
+    while len(out) < min(n, len(docs)):
+        live = [p for p in pools if p]
+        share = max(1, (min(n, len(docs)) - len(out)) // len(live))
+        for p in live:
+            out += [p.pop() for _ in range(min(share, len(p), min(n, len(docs)) - len(out)))]
+    return out
+
+
 def classify(docs: list[dict], dc: DictConfig, audit: dict) -> list[dict]:
     """Model quality filter, domain classifier and difficulty scorer (paper 3.1)."""
     rng = __import__("random").Random(int(dc.seed))
@@ -148,7 +165,7 @@ def classify(docs: list[dict], dc: DictConfig, audit: dict) -> list[dict]:
     texts = [d["text"] for d in docs]
     if q.get("enabled", True):
         # Labelled data the kit makes: surviving documents are "good", corrupted copies are "bad".
-        sample = rng.sample(texts, min(len(texts), int(q.get("train_docs", 600))))
+        sample = stratified_sample(docs, int(q.get("train_docs", 600)), rng)
         neg = [C.corrupt(t, rng) for t in sample]
         clf = C.build_classifier(q, sample + neg, ["good"] * len(sample) + ["bad"] * len(neg), ["bad", "good"])
         p_good = clf.predict_proba(texts)[:, clf.labels.index("good")]
@@ -163,13 +180,14 @@ def classify(docs: list[dict], dc: DictConfig, audit: dict) -> list[dict]:
         n_eval = len(idx) // 5  # held-out accuracy goes into the manifest
         tr, ev = idx[n_eval:], idx[:n_eval]
         clf = C.build_classifier(dm, [docs[i]["text"] for i in tr], [docs[i]["category"] for i in tr], labels)
-        pred = clf.predict_proba([d["text"] for d in docs]).argmax(1)
+        proba = clf.predict_proba([d["text"] for d in docs])
+        pred, conf = proba.argmax(1), proba.max(1)
         acc = float(np.mean([clf.labels[pred[i]] == docs[i]["category"] for i in ev])) if ev else 1.0
         audit["domain_classifier"] = {"labels": clf.labels, "heldout_accuracy": round(acc, 4), "heldout_docs": len(ev)}
-        relabelled = 0
-        for d, p in zip(docs, pred):
+        relabelled, min_conf = 0, float(dm.get("relabel_min_confidence", 0.0))
+        for d, p, c in zip(docs, pred, conf):
             d["source_category"] = d["category"]
-            if dm.get("relabel", True) and d.get("lang") != "code":
+            if dm.get("relabel", True) and d.get("lang") != "code" and c >= min_conf:
                 relabelled += clf.labels[p] != d["category"]
                 d["category"] = clf.labels[p]
         audit["domain_classifier"]["relabelled_docs"] = int(relabelled)

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import hydra
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -187,18 +186,12 @@ def run(cfg: DictConfig) -> dict:
             training.save_checkpoint(run_dir, state["step"], net, opt, state, cfg.checkpoint.keep_last)
 
     summary = {"stage": stage.name, "step": state["step"], "run_dir": str(run_dir), "finished": state["step"] >= b.steps}
-    if rank == 0 and summary["finished"]:
-        (run_dir / "DONE.json").write_text(json.dumps(summary))
-    dist.barrier()
-    return summary
+    return training.finish_stage(run_dir, summary)
 
 
 @hydra.main(config_path="../conf", config_name="rl", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    summary = run(cfg)
-    if dist.get_rank() == 0:
-        print(json.dumps(summary), flush=True)
-    dist.destroy_process_group()
+    training.print_summary_and_close(run(cfg))
 
 
 if __name__ == "__main__":

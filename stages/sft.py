@@ -176,18 +176,12 @@ def run(cfg: DictConfig) -> dict:
 
     summary = {"stage": stage.name, "step": state["step"], "total_steps": total_steps, "final_loss": loss_val,
                "run_dir": str(run_dir), "data": data_report, "finished": state["step"] >= total_steps}
-    if rank == 0 and summary["finished"]:
-        (run_dir / "DONE.json").write_text(json.dumps(summary))
-    dist.barrier()
-    return summary
+    return training.finish_stage(run_dir, summary)
 
 
 @hydra.main(config_path="../conf", config_name="sft", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    summary = run(cfg)
-    if dist.get_rank() == 0:
-        print(json.dumps(summary), flush=True)
-    dist.destroy_process_group()
+    training.print_summary_and_close(run(cfg))
 
 
 if __name__ == "__main__":

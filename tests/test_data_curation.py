@@ -154,3 +154,61 @@ def test_stage_shards_round_trip_through_loader(tmp_path):
                                  seq_len=16, dp_rank=0, dp_size=1, seed=0)
     b = ld.next_batch(3)
     assert len(shards) > 1 and np.array_equal(b["input_ids"].numpy().ravel(), stream[:48])
+
+
+def test_package_docs_follow_the_lock_file(tmp_path):
+    lock = tmp_path / "lock.txt"
+    lock.write_text("omegaconf==2.3.1\nhydra-core==1.3.8\n")
+    docs = list(D.iter_source({"kind": "package_docs", "packages_from": str(lock), "min_chars": 1}))
+    everything = list(D.iter_source({"kind": "package_docs", "min_chars": 1}))
+    assert 1 <= len(docs) <= 2 < len(everything)  # a tool installed beside the kit does not join the corpus
+    lock.write_text("omegaconf==2.3.1\nno-such-package-axk1==1.0\n")
+    with pytest.raises(SystemExit, match=r"source package_docs: .* pins \['no-such-package-axk1'\]"):
+        list(D.iter_source({"kind": "package_docs", "packages_from": str(lock)}))
+
+
+def test_domain_relabel_only_where_the_classifier_is_confident():
+    from omegaconf import OmegaConf
+
+    enc = [t[:3000] for t in D.iter_source({"kind": "pydoc_topics"})][:40]
+    web = [t[:3000] for t in D.iter_source({"kind": "package_docs"})][:40]
+    # Three package READMEs labelled Books: a small category that looks like a big one.
+    docs = [{"text": t, "lang": "en", "category": "Encyclopedia"} for t in enc] + \
+           [{"text": t, "lang": "en", "category": "Web"} for t in web[3:]] + \
+           [{"text": t, "lang": "en", "category": "Books"} for t in web[:3]]
+
+    def relabelled(min_conf):
+        dc = OmegaConf.create({"seed": 0, "quality": {"enabled": False},
+                               "domain": {"enabled": True, "kind": "hashed_linear", "relabel": True,
+                                          "relabel_min_confidence": min_conf}})
+        audit = {"drops": {}}
+        out = S.classify([dict(d) for d in docs], dc, audit)
+        return audit["domain_classifier"]["relabelled_docs"], [d["category"] for d in out]
+
+    n_any, _ = relabelled(0.0)
+    n_none, cats = relabelled(1.01)  # no prediction is that confident: every source label stays
+    assert n_any > 0 and n_none == 0 and cats == [d["category"] for d in docs]
+
+
+def test_cluster_data_config_composes_with_the_paper_budgets(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from datatrove.executor import SlurmPipelineExecutor
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = compose("curate", overrides=["data=axk1", "data.data_root=/corpora", "data.executor.partition=cpu"])
+    dc = cfg.data
+    assert dict(dc.stage_tokens) == {"pretrain_s1": 7_000_000_000_000, "pretrain_s2": 1_660_000_000_000,
+                                     "pretrain_s3": 600_000_000_000}  # paper 3.2
+    assert dc.sources.books.paths == ["/corpora/books/*.jsonl"]
+    for stage in D.STAGES:  # Appendix B.1 columns sum to 100
+        assert abs(sum(dc.mixture[stage].values()) - 100) < 0.05
+    ex = S._executor(dict(dc.executor), [], int(dc.executor.tasks), "filter", tmp_path)
+    assert isinstance(ex, SlurmPipelineExecutor) and ex.tasks == 2048
+
+
+def test_quality_training_sample_gives_each_language_a_share():
+    docs = [{"text": f"en {i}", "lang": "en"} for i in range(500)] + [{"text": f"ko {i}", "lang": "ko"} for i in range(30)]
+    sample = S.stratified_sample(docs, 100, random.Random(0))
+    assert len(sample) == len(set(sample)) == 100
+    assert sum(t.startswith("ko") for t in sample) == 30  # all of the small language, the rest English
+    assert len(S.stratified_sample(docs, 10_000, random.Random(0))) == 530
