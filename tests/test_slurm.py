@@ -54,11 +54,11 @@ def job_field(jid: str, key: str) -> str:
     return dict(f.split("=", 1) for f in out.split() if "=" in f).get(key, "")
 
 
-def wait_for(predicate, what: str, timeout: float = TIMEOUT):
+def wait_for(predicate, what: str, timeout: float = TIMEOUT, poll: float = 0.5):
     t0 = time.time()
     while not predicate():
         assert time.time() - t0 < timeout, f"timed out waiting for {what}"
-        time.sleep(0.5)
+        time.sleep(poll)
 
 
 @pytest.fixture(scope="module")
@@ -146,10 +146,16 @@ def test_requeued_job_resumes_with_the_same_final_loss(chain, tmp_path):
     p = cli("run", "pretrain:pretrain_s1", *PRETRAIN, f"paths.runs={tmp_path}")
     assert p.returncode == 0, p.stdout + p.stderr
     jid, run_dir = submitted(p)["pretrain_s1"], tmp_path / "tiny" / "pretrain_s1"
-    wait_for(lambda: (run_dir / "checkpoints" / "latest").exists(), "the first checkpoint")
+    wait_for(lambda: (run_dir / "checkpoints" / "latest").exists(), "the first checkpoint", poll=0.05)
+    # Freeze the job first (SIGSTOP): a requeue of a running job sends SIGTERM, which submitit
+    # ignores, and the SIGKILL comes KillWait (2 s) or more later; 12 tiny steps can finish in that
+    # time on a fast CPU, and then nothing is resumed (seen on CI). A suspended job is killed at once.
+    subprocess.run(["scontrol", "suspend", jid], check=True)
     subprocess.run(["scontrol", "requeue", jid], check=True)
-    # Slurm holds a requeued job back (BeginTime) for a while; start it as soon as it is pending.
+    # Slurm holds a job requeued from SUSPENDED (JobHeldAdmin) and delays any requeued job
+    # (BeginTime); release it and start it as soon as it is pending.
     wait_for(lambda: job_field(jid, "JobState") == "PENDING", "the requeued job to be pending")
+    subprocess.run(["scontrol", "release", jid], check=False)
     subprocess.run(["scontrol", "update", f"jobid={jid}", "StartTime=now"], check=True)
     assert launcher.wait_jobs([("pretrain_s1", jid)]) == 0
     assert job_field(jid, "Restarts") == "1"
