@@ -24,7 +24,7 @@ import model as axk1
 
 def build_inference_model(model_cfg: DictConfig, device: str = "cpu") -> torch.nn.Module:
     """A plain (not parallelized) model for decoding; weights come from `sync_weights`/`load`."""
-    net = axk1.build_model_config(model_cfg, attention="sdpa", expert_gemm_dtype="float32",
+    net = axk1.build_model_config(model_cfg, attention="sdpa", expert_gemm_dtype="float32", expert_fuse_gate_up=True,
                                   bias_update_rate=0.0).build()
     net.to(device)
     with torch.no_grad():

@@ -71,29 +71,41 @@ def attention_config(name: str) -> Module.Config:
 # Routed experts: torchtitan's grouped GEMM, in the dtype the hardware is fast at.
 # ----------------------------------------------------------------------------------------
 class GroupedExpertsMM(GroupedExperts):
-    """torchtitan's GroupedExperts with a configurable GEMM dtype.
+    """torchtitan's GroupedExperts with a configurable GEMM dtype and optional gate+up fusion.
 
     torchtitan casts expert inputs and weights to bf16 before `torch._grouped_mm`. That is the
-    right call on H100/H200 tensor cores, but CPUs without AMX run bf16 GEMMs ~9x slower than
-    fp32 (bench/cpu_step.py; 8.9 vs 76 GFLOP/s for the tiny model's expert shapes here), which
-    made the whole CPU step ~3x slower than transformers' reference. The dtype now comes from
-    `hardware.expert_gemm_dtype`; on GPU it stays bf16 (a no-op cast under FSDP bf16 params).
+    right call on H100/H200 tensor cores, but CPUs without native bf16 (AMX, AVX512-BF16) run
+    bf16 GEMMs ~9x slower than fp32 (bench/cpu_step.py; 8.9 vs 76 GFLOP/s for the tiny model's
+    expert shapes on such a CPU), which made the whole CPU step ~3x slower than transformers'
+    reference. The dtype comes from `hardware.expert_gemm_dtype`; on GPU it stays bf16 (a no-op
+    cast under FSDP bf16 params).
     """
 
     @dataclass(kw_only=True, slots=True)
     class Config(GroupedExperts.Config):
         gemm_dtype: str = "bfloat16"
+        fuse_gate_up: bool = False
 
     def __init__(self, config: Config):
         super().__init__(config)
         self.gemm_dtype = getattr(torch, config.gemm_dtype)
+        self.fuse_gate_up = config.fuse_gate_up
 
     def forward(self, x_RD: torch.Tensor, num_tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         w1, w2, w3 = (w.to_local() if hasattr(w, "to_local") else w for w in (self.w1_EFD, self.w2_EDF, self.w3_EFD))
         offs = torch.cumsum(num_tokens_per_expert_E, dim=0, dtype=torch.int32)
         x = x_RD.to(self.gemm_dtype)
-        h = F.silu(self._grouped_mm(A=x, B_t=w1.to(self.gemm_dtype).transpose(-2, -1), offs=offs))
-        h = h * self._grouped_mm(A=x, B_t=w3.to(self.gemm_dtype).transpose(-2, -1), offs=offs)
+        if self.fuse_gate_up:
+            # Gate and up projections as one grouped GEMM of width 2F, as transformers does: wider
+            # GEMMs for small experts (+2-3% CPU step). The concatenated weights are a copy that
+            # autograd keeps until backward, ~1.4 GB per layer at 519B (24 local experts, bf16): GPU
+            # configs leave it off.
+            w13 = torch.cat([w1, w3], dim=1).to(self.gemm_dtype)
+            g, u = self._grouped_mm(A=x, B_t=w13.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+            h = F.silu(g) * u
+        else:
+            h = F.silu(self._grouped_mm(A=x, B_t=w1.to(self.gemm_dtype).transpose(-2, -1), offs=offs))
+            h = h * self._grouped_mm(A=x, B_t=w3.to(self.gemm_dtype).transpose(-2, -1), offs=offs)
         return self._grouped_mm(A=h, B_t=w2.to(self.gemm_dtype).transpose(-2, -1), offs=offs).type_as(x_RD)
 
 

@@ -180,7 +180,8 @@ def _fields(cfg) -> dict:
 
 
 def build_model_config(m: DictConfig, *, attention: str, moe_comm_backend: str = "standard",
-                       expert_gemm_dtype: str = "bfloat16", bias_update_rate: float = 1e-3) -> AXK1Model.Config:
+                       expert_gemm_dtype: str = "bfloat16", expert_fuse_gate_up: bool = False,
+                       bias_update_rate: float = 1e-3) -> AXK1Model.Config:
     """Turn the Hydra `model` group (conf/model/*.yaml) into torchtitan's config tree."""
     std = m.init_std
     linear_init, norm_init = _std_init(std), {"weight": torch.nn.init.ones_}
@@ -215,7 +216,8 @@ def build_model_config(m: DictConfig, *, attention: str, moe_comm_backend: str =
             moe = _fields(block.moe)
             moe["router"] = AXK1Router.Config(**_fields(block.moe.router))
             inner = kernels.GroupedExpertsMM.Config(**_fields(block.moe.routed_experts.inner_experts),
-                                                    gemm_dtype=expert_gemm_dtype)
+                                                    gemm_dtype=expert_gemm_dtype,
+                                                    fuse_gate_up=expert_fuse_gate_up)
             moe["routed_experts"] = dataclasses.replace(block.moe.routed_experts, inner_experts=inner)
             f["moe"] = AXK1MoE.Config(**moe, aux_loss_alpha=m.aux_loss_alpha, bias_update_rate=bias_update_rate)
             f["post_moe_norm"] = norm()
@@ -241,12 +243,14 @@ def build_model_config(m: DictConfig, *, attention: str, moe_comm_backend: str =
 
 
 def model_registry(model_cfg: DictConfig, *, attention: str = "flex", moe_comm_backend: str = "standard",
-                   expert_gemm_dtype: str = "bfloat16", bias_update_rate: float = 1e-3) -> ModelSpec:
+                   expert_gemm_dtype: str = "bfloat16", expert_fuse_gate_up: bool = False,
+                   bias_update_rate: float = 1e-3) -> ModelSpec:
     """Register A.X K1 with torchtitan: its own parallelize/pipeline/balancing hooks apply."""
     return ModelSpec(
         name="axk1", flavor=model_cfg.name,
         model=build_model_config(model_cfg, attention=attention, moe_comm_backend=moe_comm_backend,
-                                 expert_gemm_dtype=expert_gemm_dtype, bias_update_rate=bias_update_rate),
+                                 expert_gemm_dtype=expert_gemm_dtype, expert_fuse_gate_up=expert_fuse_gate_up,
+                                 bias_update_rate=bias_update_rate),
         parallelize_fn=parallelize_deepseekv3,
         pipelining_fn=pipeline_llm,
         post_optimizer_build_fn=register_moe_load_balancing_hook,

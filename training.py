@@ -88,7 +88,8 @@ def build_model(cfg: DictConfig, world_size: int, *, bias_update_rate: float, se
     kernels.check_moe_comm_backend(p.moe_comm_backend)
     kernels.check_float8(hw.float8, hw.device)
     spec = axk1.model_registry(cfg.model, attention=hw.attention, moe_comm_backend=p.moe_comm_backend,
-                               expert_gemm_dtype=hw.expert_gemm_dtype, bias_update_rate=bias_update_rate)
+                               expert_gemm_dtype=hw.expert_gemm_dtype, expert_fuse_gate_up=hw.expert_fuse_gate_up,
+                               bias_update_rate=bias_update_rate)
     parallelism = torchtitan_parallelism(cfg, world_size)
     dist_utils.set_spmd_backend(parallelism.spmd_backend)  # as torchtitan's Trainer does
 

@@ -190,3 +190,27 @@ def test_axk1_519b_parameter_counts():
 def test_untied_embeddings(name):
     cfg = compose_cfg(overrides=[f"model={name}"])
     assert axk1.build_model_config(cfg.model, attention="sdpa").enable_weight_tying is False
+
+
+def test_fused_gate_up_expert_gemm_matches_the_two_gemm_path():
+    # hardware.expert_fuse_gate_up (CPU configs) must be a pure speed choice: same outputs and grads.
+    import kernels
+
+    torch.manual_seed(0)
+    E, F, D = 4, 12, 16
+    cfgs = {fuse: kernels.GroupedExpertsMM.Config(dim=D, hidden_dim=F, num_experts=E, gemm_dtype="float32",
+                                                  fuse_gate_up=fuse) for fuse in (False, True)}
+    two, one = cfgs[False].build(), cfgs[True].build()
+    for w in ("w1_EFD", "w2_EDF", "w3_EFD"):
+        torch.nn.init.normal_(getattr(two, w), std=0.2)
+    one.load_state_dict(two.state_dict())
+    counts = torch.tensor([3, 0, 5, 2])
+    x = torch.randn(int(counts.sum()), D)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = two(xa, counts), one(xb, counts)
+    (ya.square().sum()).backward()
+    (yb.square().sum()).backward()
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
+    for w in ("w1_EFD", "w2_EDF", "w3_EFD"):
+        torch.testing.assert_close(getattr(two, w).grad, getattr(one, w).grad, rtol=1e-5, atol=1e-6)
