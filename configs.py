@@ -108,8 +108,23 @@ def errors(cfg: DictConfig, world_size: int | None = None) -> list[str]:
     return out
 
 
+def loop_errors(cfg: DictConfig) -> list[str]:
+    """Layouts that validate but that this release's training loops cannot run correctly: they
+    build torchtitan's parallelized model but neither step a pipeline schedule nor shard inputs
+    along the sequence for context parallel. Refused at submission and at start, rather than
+    training a wrong model on a thousand GPUs."""
+    p, out = cfg.parallelism, []
+    if p.pp > 1:
+        out.append(f"parallelism/{p.name}.yaml pp={p.pp}: the training loops do not drive torchtitan's pipeline "
+                   f"schedule yet (README 'Known gaps'); use a pp=1 layout")
+    if p.cp > 1:
+        out.append(f"parallelism/{p.name}.yaml cp={p.cp}: the training loops do not shard inputs for context "
+                   f"parallel yet (README 'Known gaps'); use a cp=1 layout")
+    return out
+
+
 def validate(cfg: DictConfig, world_size: int | None = None) -> None:
-    errs = errors(cfg, world_size)
+    errs = errors(cfg, world_size) + loop_errors(cfg)
     if errs:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errs))
 

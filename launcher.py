@@ -102,7 +102,7 @@ def config_errors(cfg: DictConfig) -> list[str]:
                    f"gpus_per_node={hw.gpus_per_node} (one rank per GPU)")
     if "stage" in cfg and "budget" in cfg.stage:  # the training stages; configs.py is the lead's checker
         import configs
-        out += configs.errors(cfg)
+        out += configs.errors(cfg) + configs.loop_errors(cfg)
     return out
 
 
