@@ -100,3 +100,9 @@ def test_layouts_the_loops_cannot_run_are_refused_at_start_and_submission():
                                 "stage=pretrain_s3_16k", "model.num_mtp_layers=0"])
     assert any("cp=4: the training loops do not shard inputs" in line for line in configs.loop_errors(cp))
     assert configs.loop_errors(compose_cfg(overrides=["parallelism=cpu_fsdp_ep"])) == []
+
+
+def test_fsdp_ep_layout_runs_the_paper_model_on_1024_gpus():
+    cfg = compose_cfg(overrides=["model=axk1_519b", "optim=adamw", "hardware=h200_1024", "parallelism=axk1_fsdp_ep"])
+    assert configs.errors(cfg) == [] and configs.loop_errors(cfg) == []
+    assert configs.mesh_degrees(cfg, 1024)["dp"] == 1024
