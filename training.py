@@ -210,6 +210,14 @@ def expert_load_imbalance(net: torch.nn.Module) -> float:
 # ----------------------------------------------------------------------------------------
 # Checkpoints: DCP directories written beside, then renamed; `latest` names the newest.
 # ----------------------------------------------------------------------------------------
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename: a kill mid-write never leaves a half file (a
+    `latest` pointer to nowhere, a DONE.json that reads as done)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def ckpt_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -239,9 +247,7 @@ def save_checkpoint(run_dir, step: int, net, opt, train_state: dict, keep_last: 
         (tmp / "train_state.json").write_text(json.dumps(train_state))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        ptr_tmp = root / "latest.tmp"
-        ptr_tmp.write_text(final.name)
-        os.replace(ptr_tmp, root / "latest")
+        write_atomic(root / "latest", final.name)
         steps = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
         for old in steps[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
@@ -315,12 +321,9 @@ class MetricLog:
 
 def finish_stage(run_dir: str | Path, summary: dict) -> dict:
     """End of a stage's loop on every rank: a finished stage gets DONE.json (what the next stage,
-    `make status` and the launcher look for), written via a temporary file so a kill mid-write
-    never leaves a half file that reads as done."""
+    `make status` and the launcher look for)."""
     if dist.get_rank() == 0 and summary["finished"]:
-        tmp = Path(run_dir) / "DONE.json.tmp"
-        tmp.write_text(json.dumps(summary))
-        os.replace(tmp, Path(run_dir) / "DONE.json")
+        write_atomic(Path(run_dir) / "DONE.json", json.dumps(summary))
     dist.barrier()
     return summary
 

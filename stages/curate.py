@@ -150,11 +150,8 @@ def stratified_sample(docs: list[dict], n: int, rng) -> list[str]:
         by_lang.setdefault(d.get("lang", "und"), []).append(d["text"])
     pools = [rng.sample(v, len(v)) for _, v in sorted(by_lang.items())]
     out: list[str] = []
-    while len(out) < min(n, len(docs)):
-        live = [p for p in pools if p]
-        share = max(1, (min(n, len(docs)) - len(out)) // len(live))
-        for p in live:
-            out += [p.pop() for _ in range(min(share, len(p), min(n, len(docs)) - len(out)))]
+    while len(out) < n and any(pools):  # round robin over the languages that have texts left
+        out += [p.pop() for p in pools if p][: n - len(out)]
     return out
 
 

@@ -11,7 +11,6 @@ this runs on one host for the 519B model. Output layout is every stage's: checkp
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import merge  # noqa: E402
+import training  # noqa: E402
 
 
 def resolve_input(cfg: DictConfig, field: str) -> Path:
@@ -45,12 +45,10 @@ def run(cfg: DictConfig) -> dict:
     out = root / "step-00000000"
     manifest = merge.merge_checkpoints(reasoning, instruct, out, float(cfg.alpha), hash_inputs=bool(cfg.hash_inputs))
     (run_dir / "merge_manifest.json").write_text(json.dumps(manifest, indent=2))
-    ptr_tmp = root / "latest.tmp"
-    ptr_tmp.write_text(out.name)
-    os.replace(ptr_tmp, root / "latest")
+    training.write_atomic(root / "latest", out.name)
     summary = {"stage": cfg.stage.name, "alpha": manifest["alpha"], "n_params": manifest["n_params"],
                "output": str(out), "seconds": manifest["seconds"], "finished": True}
-    (run_dir / "DONE.json").write_text(json.dumps(summary))
+    training.write_atomic(run_dir / "DONE.json", json.dumps(summary))
     return summary
 
 
