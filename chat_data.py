@@ -19,6 +19,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
+import data
 import rl
 
 IGNORE_INDEX = -100
@@ -223,9 +224,26 @@ def build_dataset(kind: str, tasks: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------------------
 # Readers for real chat data: schema check with per-reason bad-record counts
 # ----------------------------------------------------------------------------------------
+def check_task(task) -> str | None:
+    """The reason an RL / evaluation task cannot be graded by rl.py's verifiers, or None."""
+    if not isinstance(task, dict):
+        return "prompt without a task (RL and evaluation need a verifier)"
+    if task.get("kind") == "exact":
+        return None if isinstance(task.get("answer"), (str, int, float)) else "exact task without an answer"
+    if task.get("kind") == "ifeval":
+        cs = task.get("constraints")
+        if not isinstance(cs, list) or not cs:
+            return "ifeval task without constraints"
+        if any(not isinstance(c, dict) or c.get("type") not in rl.CONSTRAINTS for c in cs):
+            return "ifeval constraint of unknown type"
+        return None
+    return "task kind not exact/ifeval"
+
+
 def check_record(rec, mode: str | None) -> str | None:
     """The reason a record is unusable, or None. mode: thinking / non_thinking / any (either, as
-    its last turn says) / None (a prompt for RL or evaluation: must end with the user turn)."""
+    its last turn says) / None (a prompt for RL or evaluation: must end with the user turn and
+    carry a gradable task)."""
     if not isinstance(rec, dict):
         return "record is not an object"
     msgs = rec.get("messages")
@@ -238,13 +256,22 @@ def check_record(rec, mode: str | None) -> str | None:
             return "message content is not a string"
         if "<think>" in m["content"] or "</think>" in m["content"]:
             return "raw think tag in content (use reasoning_content)"
+        rc = m.get("reasoning_content")
+        if rc is not None and (not isinstance(rc, str) or "<think>" in rc or "</think>" in rc):
+            return "reasoning_content is not a string without think tags"
+        if m["role"] == "assistant" and not m["content"].strip():
+            return "empty assistant content"
     if mode is None:
-        return None if msgs[-1]["role"] == "user" else "last message is not from the user"
+        if msgs[-1]["role"] != "user":
+            return "last message is not from the user"
+        refs = rec.get("references")  # evaluation: reference answers per mode (held-out NLL)
+        if refs is not None and not (isinstance(refs, dict) and all(
+                k in rl.MODES and check_record({"messages": msgs + [v]}, k) is None for k, v in refs.items())):
+            return "references are not valid assistant turns per mode"
+        return check_task(rec.get("task"))
     last = msgs[-1]
     if last["role"] != "assistant" or len(msgs) < 2:
         return "last message is not an assistant reply to a prompt"
-    if not last["content"].strip():
-        return "empty assistant content"
     rc = last.get("reasoning_content")
     if mode == "any":  # MOD: each record is one mode; its pair shares the prompt
         mode = "non_thinking" if rc is None else "thinking"
@@ -264,38 +291,43 @@ def _drop_nulls(row: dict) -> dict:
     return row
 
 
-def read_rows(path: str | Path):
-    """Rows of a local .jsonl / .parquet file or a `datasets.save_to_disk` directory."""
+def read_rows(path: str | Path, stats: dict):
+    """("file:line" or "file:rowN", row) for each row of a local .jsonl / .parquet file or a
+    `datasets.save_to_disk` directory. JSONL lines go through data.jsonl_objects (the kit's one
+    line reader), so an undecodable or truncated line is counted in `stats` and skipped."""
     p = Path(path)
     if p.is_dir():
         import datasets
-        yield from (_drop_nulls(dict(r)) for r in datasets.load_from_disk(str(p)))
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except Exception as e:  # a whole unreadable source is the user's to fix, not a bad record
+            raise ValueError(f"{p}: not a readable datasets directory ({type(e).__name__}: {e})") from None
+        yield from ((f"{p}:row{i}", _drop_nulls(dict(r))) for i, r in enumerate(ds))
     elif p.suffix == ".parquet":
         import pyarrow.parquet as pq
-        yield from (_drop_nulls(r) for r in pq.read_table(p).to_pylist())
+        try:
+            rows = pq.read_table(p).to_pylist()
+        except Exception as e:
+            raise ValueError(f"{p}: not a readable parquet file ({type(e).__name__}: {e})") from None
+        yield from ((f"{p}:row{i}", _drop_nulls(r)) for i, r in enumerate(rows))
     elif p.suffix in (".jsonl", ".json"):
-        with p.open(encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError:
-                        yield None  # counted as a bad record by the caller
+        yield from data.jsonl_objects(p, lambda reason, where: data.note_bad(stats, reason, where))
     else:
         raise ValueError(f"{p}: expected .jsonl, .parquet or a datasets directory")
 
 
-def read_source(path: str | Path, mode: str | None) -> tuple[list[dict], Counter]:
-    """Good records + Counter of bad-record reasons (reported by the stage, never silently dropped)."""
-    good, bad = [], Counter()
-    for i, rec in enumerate(read_rows(path)):
-        why = "invalid JSON" if rec is None else check_record(rec, mode)
+def read_source(path: str | Path, mode: str | None) -> tuple[list[dict], dict]:
+    """Good records + {"bad": {reason: count}, "bad_examples": ["file:line: reason", ...]}: every
+    bad record is counted and reported by the stage, never silently dropped, never raised."""
+    good, stats = [], {"bad": {}, "bad_examples": []}
+    for where, rec in read_rows(path, stats):
+        why = check_record(rec, mode)
         if why:
-            bad[why] += 1
+            data.note_bad(stats, why, where)
             continue
-        rec.setdefault("id", f"{Path(path).name}:{i}")
+        rec.setdefault("id", where)
         good.append(rec)
-    return good, bad
+    return good, stats
 
 
 def mix_sources(sources: dict[str, list[dict]], weights: dict[str, float], n: int, seed: int) -> list[dict]:
@@ -366,17 +398,18 @@ def load_posttrain(pd, kind: str) -> tuple[list[dict], dict]:
     srcs = pd.sources.get(kind) or []
     if not srcs:
         raise ValueError(f"posttrain_data/{pd.name}.yaml sources.{kind}: no sources listed")
-    loaded, bad, weights = {}, {}, {}
+    loaded, bad, examples, weights = {}, {}, {}, {}
     cell_count = Counter((s["lang"], s["domain"]) for s in srcs)
     for s in srcs:
         name = s.get("name", str(s["path"]))
-        recs, why = read_source(s["path"], _MODE_OF[kind])
+        recs, st = read_source(s["path"], _MODE_OF[kind])
         for r in recs:
             r.setdefault("lang", s["lang"])
             r.setdefault("domain", s["domain"])
-        loaded[name], bad[name] = recs, dict(why)
+        loaded[name], bad[name], examples[name] = recs, st["bad"], st["bad_examples"]
         table = (pd.get("table3") or {}).get(kind)
         # Table 3 gives the share of each (language, domain) cell; sources in one cell split it.
         weights[name] = (float(table[s["lang"]][s["domain"]]) if table else 1.0) / cell_count[(s["lang"], s["domain"])]
     n = int(pd.sizes[kind]) if pd.get("sizes") and pd.sizes.get(kind) else sum(len(v) for v in loaded.values())
-    return mix_sources(loaded, weights, n, int(pd.seed)), {"n": n, "bad": bad, "weights": weights}
+    return mix_sources(loaded, weights, n, int(pd.seed)), {"n": n, "bad": bad, "bad_examples": examples,
+                                                           "weights": weights}

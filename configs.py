@@ -50,6 +50,13 @@ def errors(cfg: DictConfig, world_size: int | None = None) -> list[str]:
     if cfg.optim.budget != m.budget:
         out.append(f"optim/{cfg.optim.name}.yaml is sized for budget {cfg.optim.budget}, but model/{m.name}.yaml "
                    f"uses budget {m.budget}: pick the matching optim config")
+    # values no run can use: refused here, before a model or a data loader is built
+    if not cfg.optim.lr > 0:
+        out.append(f"optim/{cfg.optim.name}.yaml lr={cfg.optim.lr}: expected a positive learning rate")
+    if m.top_k < 1:
+        out.append(f"model/{m.name}.yaml top_k={m.top_k}: expected at least 1 routed expert per token")
+    if "stage" in cfg and cfg.stage.get("lr_factor") is not None and cfg.stage.lr_factor < 0:
+        out.append(f"stage/{cfg.stage.name}.yaml lr_factor={cfg.stage.lr_factor}: expected >= 0")
     if m.vocab_size % 128:
         out.append(f"model/{m.name}.yaml vocab_size={m.vocab_size}: expected a multiple of 128 (paper 2.3)")
     if m.num_experts % m.n_group:
@@ -94,6 +101,13 @@ def errors(cfg: DictConfig, world_size: int | None = None) -> list[str]:
     if b.batch_start is None or b.batch_end is None:
         return out + [f"hardware/{hw.name}.yaml global_batch is null: the {m.budget} budget of "
                       f"stage/{cfg.stage.name}.yaml takes its batch from a cluster hardware config"]
+    for key in ("tokens", "steps", "epochs", "warmup_samples", "warmup_steps"):
+        if b.get(key) is not None and b[key] < 0:
+            out.append(f"stage/{cfg.stage.name}.yaml budget.{m.budget}.{key}={b[key]}: expected >= 0")
+    if b.seq_len < 1 or b.batch_end < 1 or b.batch_start < 1:
+        out.append(f"stage/{cfg.stage.name}.yaml budget.{m.budget}: seq_len={b.seq_len}, batch "
+                   f"{b.batch_start}->{b.batch_end}: expected positive values")
+        return out
     if b.seq_len > m.max_seq_len:
         out.append(f"stage/{cfg.stage.name}.yaml seq_len={b.seq_len}: exceeds model.max_seq_len={m.max_seq_len}")
     if p.cp > 1 and b.seq_len % (2 * p.cp):

@@ -124,6 +124,44 @@ def _synthetic(kind: str, n: int, seed: int, modules: list[str]) -> Iterator[str
             raise SystemExit(f"source kind=synthetic: unknown generator {kind!r} (qa, math, reasoning)")
 
 
+MAX_BAD_EXAMPLES = 20  # "file:line: reason" lines kept per reader; the counts are always complete
+
+
+def note_bad(stats: dict, reason: str, where: str) -> None:
+    """Count one bad record under `reason` in stats["bad"] and keep the first examples as
+    "file:line: reason" lines in stats["bad_examples"] (every reader reports this way)."""
+    stats.setdefault("bad", {}).setdefault(reason, 0)
+    stats["bad"][reason] += 1
+    ex = stats.setdefault("bad_examples", [])
+    if len(ex) < MAX_BAD_EXAMPLES:
+        ex.append(f"{where}: {reason}")
+
+
+def jsonl_objects(path: str | os.PathLike, bad) -> Iterator[tuple[str, dict]]:
+    """The one JSONL line reader (pre-training sources and every post-training reader): yields
+    ("file:line", object) per good line; a line that is not UTF-8, not complete JSON or not an
+    object goes to bad(reason, "file:line") instead, and reading carries on. Blank lines are skipped."""
+    with open(path, "rb") as fh:
+        for lineno, line in enumerate(fh, 1):
+            where = f"{path}:{lineno}"
+            if not line.strip():
+                continue
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                bad("invalid_utf8", where)
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError:
+                bad("malformed_json", where)
+                continue
+            if not isinstance(obj, dict):
+                bad("not_an_object", where)
+                continue
+            yield where, obj
+
+
 def iter_source(cfg) -> Iterator[str]:
     """Yields document texts of one configured source (see iter_records for the audited path)."""
     for rec in iter_records(cfg, stats=None):
@@ -144,11 +182,7 @@ def iter_records(cfg, stats: dict | None) -> Iterator[dict]:
 
     def bad(reason: str, where: str):
         if stats is not None:
-            stats.setdefault("bad", {}).setdefault(reason, 0)
-            stats["bad"][reason] += 1
-            ex = stats.setdefault("bad_examples", [])
-            if len(ex) < 20:
-                ex.append(f"{where}: {reason}")
+            note_bad(stats, reason, where)
 
     def ok(text, where: str):
         if not isinstance(text, str):
@@ -235,29 +269,12 @@ def iter_records(cfg, stats: dict | None) -> Iterator[dict]:
             if not files:
                 raise SystemExit(f"source {name}: no file matches {pattern}")
             for f in files:
-                with open(f, "rb") as fh:
-                    for lineno, line in enumerate(fh, 1):
-                        where = f"{f}:{lineno}"
-                        if not line.strip():
-                            continue
-                        try:
-                            s = line.decode("utf-8")
-                        except UnicodeDecodeError:
-                            bad("invalid_utf8", where)
-                            continue
-                        try:
-                            obj = json.loads(s)
-                        except json.JSONDecodeError:
-                            bad("malformed_json", where)
-                            continue
-                        if not isinstance(obj, dict):
-                            bad("not_an_object", where)
-                            continue
-                        r = ok(obj.get(field), where)
-                        if r:
-                            r["category"] = obj.get("category", r["category"])
-                            r["lang"] = obj.get("lang", r["lang"])
-                            yield r
+                for where, obj in jsonl_objects(f, bad):
+                    r = ok(obj.get(field), where)
+                    if r:
+                        r["category"] = obj.get("category", r["category"])
+                        r["lang"] = obj.get("lang", r["lang"])
+                        yield r
     elif kind == "parquet":
         import pyarrow.parquet as pq
 

@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import chat_data  # noqa: E402
 import configs  # noqa: E402
+import data  # noqa: E402
 import tokenizer as tokmod  # noqa: E402
 import training  # noqa: E402
 
@@ -61,7 +62,11 @@ def build_sft_data(cfg: DictConfig, tok, seq_len: int, rank: int) -> tuple[dict,
     records, report = chat_data.load_posttrain(cfg.posttrain_data, cfg.stage.dataset)
     encoded, too_long = [], 0
     for r in records:
-        ids, labels = chat_data.encode_chat(tok, r["messages"])
+        try:
+            ids, labels = chat_data.encode_chat(tok, r["messages"])
+        except ValueError as e:  # the template cannot split this chat at its prompt: a bad record
+            data.note_bad(report.setdefault("encode", {}), f"unencodable: {e}", str(r.get("id")))
+            continue
         if len(ids) - 1 > seq_len:
             too_long += 1  # counted and reported, never silently cut mid-response
             continue

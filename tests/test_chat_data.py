@@ -68,16 +68,17 @@ def test_reader_counts_bad_records(tmp_path):
             {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 3}]}]
     p = tmp_path / "d.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
-    recs, bad = C.read_source(p, "non_thinking")
-    assert len(recs) == 2 and recs[0]["id"] == "d.jsonl:0"
-    assert bad == Counter({"missing or empty messages": 1, "message role not in system/user/assistant": 1,
-                           "raw think tag in content (use reasoning_content)": 1,
-                           "non-thinking record carries reasoning_content": 1,
-                           "message content is not a string": 1, "invalid JSON": 1})
-    _, bad = C.read_source(p, "thinking")
-    assert bad["thinking-mode record without reasoning_content"] == 2
+    recs, st = C.read_source(p, "non_thinking")
+    assert len(recs) == 2 and recs[0]["id"] == f"{p}:1"
+    assert st["bad"] == {"missing or empty messages": 1, "message role not in system/user/assistant": 1,
+                         "raw think tag in content (use reasoning_content)": 1,
+                         "non-thinking record carries reasoning_content": 1,
+                         "message content is not a string": 1, "malformed_json": 1}
+    assert f"{p}:3: missing or empty messages" in st["bad_examples"] and f"{p}:8: malformed_json" in st["bad_examples"]
+    _, st = C.read_source(p, "thinking")
+    assert st["bad"]["thinking-mode record without reasoning_content"] == 2
     with pytest.raises(ValueError, match="expected .jsonl, .parquet"):
-        list(C.read_rows(tmp_path / "x.csv"))
+        C.read_source(tmp_path / "x.csv", "any")
 
 
 def test_parquet_and_datasets_dir(tmp_path):
@@ -89,11 +90,11 @@ def test_parquet_and_datasets_dir(tmp_path):
     recs = C.build_dataset("mod", C.generate_tasks(6, 3, MIX, heldout=False))
     rows = [{"messages": r["messages"]} for r in recs]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
-    got, bad = C.read_source(tmp_path / "d.parquet", "any")
-    assert len(got) == 12 and not bad and [g["messages"] for g in got] == [r["messages"] for r in rows]
+    got, st = C.read_source(tmp_path / "d.parquet", "any")
+    assert len(got) == 12 and not st["bad"] and [g["messages"] for g in got] == [r["messages"] for r in rows]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
-    got, bad = C.read_source(tmp_path / "ds", "any")
-    assert len(got) == 12 and not bad and got[1]["messages"] == rows[1]["messages"]
+    got, st = C.read_source(tmp_path / "ds", "any")
+    assert len(got) == 12 and not st["bad"] and got[1]["messages"] == rows[1]["messages"]
 
 
 def test_table3_weights_and_mixing(tmp_path):

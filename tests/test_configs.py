@@ -42,6 +42,21 @@ def test_each_violation_is_one_clear_line(overrides, world, needle):
     assert all("\n" not in line for line in lines)
 
 
+@pytest.mark.parametrize("name,overrides,needle", [
+    ("pretrain", ["optim.lr=0"], "adamw_tiny.yaml lr=0: expected a positive learning rate"),
+    ("sft", ["optim.lr=-1e-3"], "lr=-0.001: expected a positive learning rate"),
+    ("rl", ["model.top_k=0"], "top_k=0: expected at least 1 routed expert per token"),
+    ("pretrain", ["stage.budget.tiny.tokens=-5"], "budget.tiny.tokens=-5: expected >= 0"),
+    ("rl", ["stage.budget.tiny.steps=-1"], "budget.tiny.steps=-1: expected >= 0"),
+    ("sft", ["stage.lr_factor=-0.1"], "lr_factor=-0.1: expected >= 0"),
+])
+def test_unusable_values_are_refused_before_building(name, overrides, needle):
+    with pytest.raises(configs.ConfigError) as e:
+        configs.validate(compose_cfg(name, overrides), 2)
+    lines = str(e.value).splitlines()[1:]
+    assert any(needle in line for line in lines), lines
+
+
 def test_1536_gpus_with_the_stage1_ramp_is_refused():
     # 1,536 GPUs with PP 16 gives 96 data-parallel ranks: the ramp's 2,048 does not divide.
     ov = ["model=axk1_519b", "optim=adamw", "hardware=h200_1536", "parallelism=axk1_pretrain",
