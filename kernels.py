@@ -33,6 +33,16 @@ def document_causal_mask(positions: torch.Tensor) -> torch.Tensor:
     return (same_doc & causal).unsqueeze(1)
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A boolean keep-mask as SDPA's additive float mask (0 keep, -inf drop).
+
+    SDPA converts a boolean mask to this form inside every call, i.e. once per layer, and the
+    fused kernel keeps that copy for backward: (B, 1, L, L) floats per layer. Converting once per
+    forward lets all layers share one.
+    """
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 class DocumentSDPA(Module):
     """Inner attention on `F.scaled_dot_product_attention` with an explicit mask.
 
@@ -50,11 +60,21 @@ class DocumentSDPA(Module):
     def forward(self, q_BLNH, k_BLNH, v_BLNH, *, attention_masks=None, scale=None, **_):
         if attention_masks is None:
             raise ValueError("DocumentSDPA needs the causal+document mask from get_attention_masks(positions)")
+        # MLA's values are narrower than its queries/keys (v 128 vs qk 192 at 519B). PyTorch's fused
+        # CPU kernel wants one head dim, and otherwise falls back to the unfused math path, which
+        # keeps the (B, N, L, L) probabilities for backward and runs as many small ops. Zero-padding
+        # v to the qk width keeps the fused kernel (it saves q, k, v, out and the log-sum-exp, as
+        # flex attention does on GPU) and leaves the first v-width output columns unchanged.
+        dv = v_BLNH.shape[-1]
+        if dv < q_BLNH.shape[-1]:
+            v_BLNH = F.pad(v_BLNH, (0, q_BLNH.shape[-1] - dv))
+        if attention_masks.dtype != torch.bool and attention_masks.dtype != q_BLNH.dtype:
+            attention_masks = attention_masks.to(q_BLNH.dtype)
         out = F.scaled_dot_product_attention(
             q_BLNH.transpose(1, 2), k_BLNH.transpose(1, 2), v_BLNH.transpose(1, 2),
             attn_mask=attention_masks, scale=scale,
         )
-        return out.transpose(1, 2)
+        return out.transpose(1, 2)[..., :dv]
 
 
 def attention_config(name: str) -> Module.Config:

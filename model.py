@@ -164,7 +164,7 @@ class AXK1Model(DeepSeekV3Model):
         # The CPU attention kernel takes a dense causal+document mask; flex/varlen use
         # torchtitan's own mask builders.
         if isinstance(self.config.first_attention.inner_attention, kernels.DocumentSDPA.Config):
-            return kernels.document_causal_mask(positions)
+            return kernels.additive_mask(kernels.document_causal_mask(positions))
         return super().get_attention_masks(positions)
 
 
