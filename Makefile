@@ -93,3 +93,9 @@ tokenizer-report: setup
 
 data: setup
 	$(PYTHON) stages/curate.py data=$(DATA) $(ARGS)
+
+# Production plan (paper 2.2, 2.3, 3.3-3.5): the scaling-law planner + the time model against
+# Table 2 (conf/plan.yaml).
+.PHONY: plan
+plan: setup
+	$(PYTHON) stages/plan.py $(ARGS)

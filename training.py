@@ -32,6 +32,7 @@ from torchtitan.models.deepseek_v3.mtp import roll_mtp_sequence
 import configs
 import kernels
 import model as axk1
+import perf_model
 
 
 # ----------------------------------------------------------------------------------------
@@ -102,8 +103,9 @@ def build_model(cfg: DictConfig, world_size: int, *, bias_update_rate: float, se
     parallel_dims.build_mesh()
     with torch.device("meta"):
         net = spec.model.build()
-    seq_len = configs.budget(cfg).seq_len
-    _, flops_per_token = spec.model.get_nparams_and_flops(net, seq_len)
+    # MFU uses the kit's one FLOPs count (perf_model: MLA at the causal context, MTP, head), the
+    # same the planner and the dry run's time model use.
+    flops_per_token = perf_model.train_flops_per_token(cfg.model, configs.budget(cfg).seq_len)
 
     ac = None if p.activation_checkpoint == "none" else ActivationCheckpointingConfig(mode=p.activation_checkpoint)
     net = spec.parallelize_fn(
