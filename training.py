@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import socket
-import time
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ from torchtitan.models.deepseek_v3.mtp import roll_mtp_sequence
 import configs
 import kernels
 import model as axk1
+import monitoring
 import perf_model
 
 
@@ -198,15 +198,9 @@ def aux_loss_value(net: torch.nn.Module) -> float:
 
 
 def expert_load_imbalance(net: torch.nn.Module) -> float:
-    """max/mean tokens per expert, worst main MoE layer, summed over ranks (read before the
-    optimizer step: torchtitan's balancing hook resets the counters)."""
-    counts = [blk.moe.tokens_per_expert_E for blk in net.layers.values() if getattr(blk, "moe_enabled", False)]
-    if not counts:
-        return 1.0
-    c = torch.stack([t.to_local() if hasattr(t, "to_local") else t for t in counts]).float()
-    if dist.is_initialized():
-        dist.all_reduce(c)
-    return float((c.max(dim=1).values / c.mean(dim=1).clamp(min=1e-9)).max())
+    """max/mean tokens per expert, worst MoE layer, summed over ranks (read before the optimizer
+    step: torchtitan's balancing hook resets the counts). monitoring.router_stats has the rest."""
+    return monitoring.router_stats(net)["expert_imbalance"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -303,22 +297,9 @@ def resolve_init(cfg: DictConfig) -> Path | None:
 
 
 # ----------------------------------------------------------------------------------------
-# Logging: console line + metrics.jsonl on rank 0.
+# Logging: monitoring.MetricLog (metrics.jsonl, console line, TensorBoard/W&B on rank 0).
 # ----------------------------------------------------------------------------------------
-class MetricLog:
-    def __init__(self, run_dir: str | Path, rank: int):
-        self.rank, self.t0 = rank, time.perf_counter()
-        self.path = Path(run_dir) / "metrics.jsonl"
-        if rank == 0:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def log(self, rec: dict, console: str | None = None) -> None:
-        if self.rank != 0:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-        if console:
-            print(console, flush=True)
+MetricLog = monitoring.MetricLog
 
 
 def finish_stage(run_dir: str | Path, summary: dict) -> dict:

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from stages import report  # noqa: E402  the plotting code of `make report`
 
 PRETRAIN = ["pretrain_s1", "pretrain_s2", "pretrain_s3_16k", "pretrain_s3_32k"]
 SFT = ["sft_instruct", "sft_reasoning", "mod_sft"]
@@ -31,34 +30,10 @@ def read_jsonl(p: Path) -> list[dict]:
 
 
 def plot(run_root: Path, out_png: Path) -> None:
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-    offset = 0
-    for s in PRETRAIN:
-        recs = read_jsonl(run_root / s / "metrics.jsonl")
-        if recs:
-            ax[0].plot([offset + r["step"] for r in recs], [r["loss"] for r in recs], label=s)
-            offset += recs[-1]["step"]
-    ax[0].set(title="pre-training loss", xlabel="step (stages concatenated)", ylabel="loss")
-    for s in SFT:
-        recs = read_jsonl(run_root / s / "metrics.jsonl")
-        if recs:
-            ax[1].plot([r["step"] for r in recs], [r["loss"] for r in recs], label=s)
-    ax[1].set(title="SFT loss (response tokens)", xlabel="step", ylabel="NLL")
-    recs = read_jsonl(run_root / "rl" / "metrics.jsonl")
-    if recs:
-        ax[2].plot([r["step"] for r in recs], [r["reward"] for r in recs], label="mean reward (all samples)")
-        ax[2].plot([r["step"] for r in recs], [r["accuracy"] for r in recs], label="accuracy")
-        for m in ("thinking", "non_thinking"):
-            ax[2].plot([r["step"] for r in recs], [r.get(f"format_error_{m}", float("nan")) for r in recs],
-                       label=f"format errors ({m})", linestyle="--")
-    ax[2].set(title="RL (on-policy samples)", xlabel="step")
-    for a in ax:
-        if a.get_legend_handles_labels()[0]:
-            a.legend(fontsize=7)
-        a.grid(alpha=0.3)
-    fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
+    """The chain's curves, drawn by stages/report.py (the figure `make report` draws for one run)."""
+    report.plot_rows([("pre-training", [(s, report.read_metrics(run_root / s)) for s in PRETRAIN], True),
+                      ("SFT", [(s, report.read_metrics(run_root / s)) for s in SFT], False),
+                      ("RL", [("rl", report.read_metrics(run_root / "rl"))], False)], out_png)
 
 
 def errors(row: dict) -> float:

@@ -23,6 +23,7 @@ from torchtitan.distributed.utils import clip_grad_norm_
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import configs  # noqa: E402
 import data  # noqa: E402
+import monitoring  # noqa: E402
 import training  # noqa: E402
 
 
@@ -66,7 +67,7 @@ def run(cfg: DictConfig) -> dict:
             training.save_model_weights(run_dir / "initial", net)
 
     # ---- loop --------------------------------------------------------------------------
-    log = training.MetricLog(run_dir, rank)
+    log = training.MetricLog(cfg, rank, progress="tokens", total=b.tokens, start=state["tokens"])
     device = training.device_of(cfg.hardware)
     peak_flops = cfg.hardware.peak_tflops * 1e12 * world
     micro = cfg.parallelism.micro_batch
@@ -100,7 +101,7 @@ def run(cfg: DictConfig) -> dict:
                                   training.aux_loss_value(net) / n_micro])
         grad_norm = clip_grad_norm_(net.parameters(), o.grad_clip, foreach=True,
                                     pp_mesh=pdims.get_optional_mesh("pp"), ep_enabled=pdims.ep_enabled)
-        imbalance = training.expert_load_imbalance(net)  # before step(): the bias hook resets counts
+        router = monitoring.router_stats(net)  # before step(): the bias hook resets the counts
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -120,12 +121,12 @@ def run(cfg: DictConfig) -> dict:
         rec = dict(step=state["step"], tokens=state["tokens"], loss=loss_val, lm_loss=lm_v, mtp_loss=mtp_v,
                    aux_loss=aux_v, lr=lr, batch=global_batch, tokens_per_s=tok_s,
                    mfu=tok_s * flops_per_token / peak_flops, grad_norm=float(grad_norm),
-                   expert_imbalance=imbalance)
+                   **router)
         pct = 100.0 * state["tokens"] / b.tokens
         log.log(rec, None if state["step"] % cfg.log_every else
                 f"[{stage.name}] step {state['step']:5d} {pct:5.1f}% loss {loss_val:.4f} (lm {lm_v:.4f} "
                 f"mtp {mtp_v:.4f}) lr {lr:.2e} bs {global_batch} {tok_s:,.0f} tok/s "
-                f"mfu {rec['mfu']:.1%} imb {imbalance:.2f}")
+                f"mfu {rec['mfu']:.1%} imb {rec['expert_imbalance']:.2f}")
         if not math.isfinite(loss_val):
             raise FloatingPointError(f"[{stage.name}] loss is {loss_val} at step {state['step']}")
 
@@ -135,6 +136,7 @@ def run(cfg: DictConfig) -> dict:
             state["loader"] = loader.state_dict()
             training.save_checkpoint(run_dir, state["step"], net, opt, state, cfg.checkpoint.keep_last)
 
+    log.close()
     summary = {"stage": stage.name, "step": state["step"], "tokens": state["tokens"],
                "final_loss": loss_val, "run_dir": str(run_dir), "finished": state["tokens"] >= b.tokens}
     return training.finish_stage(run_dir, summary)

@@ -101,7 +101,7 @@ def run(cfg: DictConfig) -> dict:
         return groups
 
     # ---- loop --------------------------------------------------------------------------
-    log = training.MetricLog(run_dir, rank)
+    log = training.MetricLog(cfg, rank, progress="step", total=b.steps, start=state["step"])
     steps_run, t_last = 0, time.perf_counter()
     while state["step"] < b.steps:
         if cfg.max_steps is not None and steps_run >= cfg.max_steps:
@@ -185,6 +185,7 @@ def run(cfg: DictConfig) -> dict:
         if finished or state["step"] % cfg.checkpoint.every_steps == 0:
             training.save_checkpoint(run_dir, state["step"], net, opt, state, cfg.checkpoint.keep_last)
 
+    log.close()
     summary = {"stage": stage.name, "step": state["step"], "run_dir": str(run_dir), "finished": state["step"] >= b.steps}
     return training.finish_stage(run_dir, summary)
 

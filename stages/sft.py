@@ -15,7 +15,6 @@ import json
 import math
 import random
 import sys
-import time
 from pathlib import Path
 
 import hydra
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import chat_data  # noqa: E402
 import configs  # noqa: E402
 import data  # noqa: E402
+import monitoring  # noqa: E402
 import tokenizer as tokmod  # noqa: E402
 import training  # noqa: E402
 
@@ -120,12 +120,11 @@ def run(cfg: DictConfig) -> dict:
             print(f"[{stage.name}] initialised from {init}", flush=True)
 
     # ---- loop --------------------------------------------------------------------------
-    log = training.MetricLog(run_dir, rank)
+    log = training.MetricLog(cfg, rank, progress="step", total=total_steps, start=state["step"])
     device = training.device_of(cfg.hardware)
     loss_group = pdims.get_optional_mesh("loss").get_group() if pdims.get_optional_mesh("loss") is not None else None
     micro, steps_run, loss_val = cfg.parallelism.micro_batch, 0, float("nan")
     peak = o.lr * stage.lr_factor
-    t_last = time.perf_counter()
     while state["step"] < total_steps:
         if cfg.max_steps is not None and steps_run >= cfg.max_steps:
             break
@@ -156,6 +155,7 @@ def run(cfg: DictConfig) -> dict:
             loss.backward()
             sums += torch.tensor([ce[0].item(), sum(c.item() for c in ce[1:])])
         grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), o.grad_clip, foreach=True)
+        router = monitoring.router_stats(net)  # before step(): the bias hook resets the counts
         opt.step()
         opt.zero_grad(set_to_none=True)
         dist.all_reduce(sums, group=loss_group)
@@ -164,13 +164,11 @@ def run(cfg: DictConfig) -> dict:
         state["step"] += 1
         state["tokens"] += int(n_targets[0])
         steps_run += 1
-        now = time.perf_counter()
         rec = dict(step=state["step"], epoch=epoch, loss=lm_v, mtp_loss=mtp_v, lr=lr, grad_norm=float(grad_norm),
-                   response_tokens=int(n_targets[0]), step_s=now - t_last)
-        t_last = now
+                   response_tokens=int(n_targets[0]), **router)
         log.log(rec, None if state["step"] % cfg.log_every else
                 f"[{stage.name}] step {state['step']:4d}/{total_steps} loss {lm_v:.4f} (mtp {mtp_v:.4f}) "
-                f"lr {lr:.2e} gnorm {float(grad_norm):.2f} {rec['step_s']:.2f}s/step")
+                f"lr {lr:.2e} gnorm {float(grad_norm):.2f}")
         if not math.isfinite(lm_v):
             raise FloatingPointError(f"[{stage.name}] loss is {lm_v} at step {state['step']}")
 
@@ -179,6 +177,7 @@ def run(cfg: DictConfig) -> dict:
         if finished or state["step"] % cfg.checkpoint.every_steps == 0:
             training.save_checkpoint(run_dir, state["step"], net, opt, state, cfg.checkpoint.keep_last)
 
+    log.close()
     summary = {"stage": stage.name, "step": state["step"], "total_steps": total_steps, "final_loss": loss_val,
                "run_dir": str(run_dir), "data": data_report, "finished": state["step"] >= total_steps}
     return training.finish_stage(run_dir, summary)

@@ -1,0 +1,168 @@
+"""Render a run's metrics as markdown + PNG curves, written into the run folder.
+
+    python stages/report.py runs/tiny/pretrain_s1       # -> runs/tiny/pretrain_s1/report.md + report.png
+    make report RUN=runs/tiny/pretrain_s1
+
+Works for any training stage (pre-training, SFT, RL) on any machine: it only reads the run's
+metrics.jsonl (and DONE.json). scripts/smoke_report.py draws the smoke chain's curves with
+plot_rows() from this file, so the smoke run and a cluster run get the same picture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+# Panels in drawing order: (title, keys plotted if present, y label). A panel appears in a row
+# only when its run logged one of its keys. Meanings: README "Watching a run".
+PANELS = [
+    ("loss parts", ["loss", "lm_loss", "mtp_loss", "aux_loss"], "loss (log scale when positive)"),
+    ("RL rewards (all samples)", ["reward", "accuracy", "format_error_thinking", "format_error_non_thinking",
+                                  "clip_frac"], ""),
+    ("learning rate", ["lr"], "lr"),
+    ("throughput", ["tokens_per_s"], "tokens/s"),
+    ("step time", ["step_s"], "seconds"),
+    ("memory (max over ranks)", ["mem_peak_reserved_gib", "mem_peak_active_gib", "mem_rss_gib", "mem_rss_peak_gib"],
+     "GiB"),
+    ("expert load max/mean", ["expert_imbalance", "router_max_load"], "max / mean tokens per expert"),
+]
+MAX_COLS = 4  # panels side by side before a row wraps
+SECOND_AXIS = {"throughput": ("mfu", "MFU")}  # drawn on a right-hand axis of that panel
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """metrics.jsonl; a step logged twice (before a kill and after the resume) keeps the last."""
+    p = Path(run_dir) / "metrics.jsonl"
+    if not p.exists():
+        return []
+    by_step = {}
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{p}:{n}: not a JSON record ({e})") from None
+            by_step[rec["step"]] = rec
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _series(recs: list[dict], key: str, x0: int) -> dict[str, tuple[list, list]]:
+    """label -> (xs, ys) for a key; a per-layer dict key gives one series per layer."""
+    out: dict[str, tuple[list, list]] = {}
+    for r in recs:
+        v = r.get(key)
+        items = v.items() if isinstance(v, dict) else [(None, v)]
+        for layer, y in items:
+            if isinstance(y, (int, float)) and math.isfinite(y):
+                xs, ys = out.setdefault(key if layer is None else f"layer {layer}", ([], []))
+                xs.append(x0 + r["step"])
+                ys.append(y)
+    return out
+
+
+def plot_rows(rows: list[tuple[str, list[tuple[str, list[dict]]], bool]], out_png: str | Path) -> Path:
+    """One figure row per (row title, [(run label, records)], concat): each row draws the panels its
+    runs have data for; concat=True puts the runs one after another on the step axis (a chain of
+    pre-training stages), otherwise they share it."""
+    drawn = []
+    for title, runs, concat in rows:
+        panels = [p for p in PANELS if any(k in r for _, recs in runs for r in recs for k in p[1])]
+        if panels:
+            drawn.append((title, runs, concat, panels))
+    if not drawn:
+        raise SystemExit("no metrics to plot: metrics.jsonl missing or empty")
+    ncols = min(MAX_COLS, max(len(d[3]) for d in drawn))
+    heights = [math.ceil(len(d[3]) / ncols) for d in drawn]  # a row with many panels wraps
+    fig, axes = plt.subplots(sum(heights), ncols, figsize=(4.2 * ncols, 3.4 * sum(heights)), squeeze=False)
+    for i, (title, runs, concat, panels) in enumerate(drawn):
+        cells = [axes[sum(heights[:i]) + k // ncols][k % ncols] for k in range(heights[i] * ncols)]
+        for ax in cells[len(panels):]:
+            ax.axis("off")
+        for ax, (name, keys, ylabel) in zip(cells, panels):
+            x0, positive, ax2 = 0, True, None
+            for label, recs in runs:
+                for key in keys:
+                    for s_label, (xs, ys) in _series(recs, key, x0).items():
+                        per_layer = s_label.startswith("layer")
+                        name_in_legend = s_label if len(runs) == 1 else f"{label}: {s_label}"
+                        ax.plot(xs, ys, label=None if per_layer and len(runs) > 1 else name_in_legend,
+                                linewidth=0.7 if per_layer else 1.4, alpha=0.6 if per_layer else 1.0)
+                        positive &= min(ys) > 0
+                if name in SECOND_AXIS and any(SECOND_AXIS[name][0] in r for r in recs):
+                    key2, label2 = SECOND_AXIS[name]
+                    ax2 = ax2 or ax.twinx()
+                    for _, (xs, ys) in _series(recs, key2, x0).items():
+                        ax2.plot(xs, [100 * y for y in ys], linestyle="--", color="gray", label=label2)
+                    ax2.set_ylabel(f"{label2} (%)", fontsize=8)
+                if concat and recs:
+                    x0 += recs[-1]["step"]
+            if name == "loss parts" and positive:
+                ax.set_yscale("log")
+            ax.set_title(f"{title}: {name}", fontsize=9)
+            ax.set(xlabel="step" + (" (stages concatenated)" if concat and len(runs) > 1 else ""), ylabel=ylabel)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=6)
+            ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
+
+
+def _fmt(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """<run_dir>/report.md + report.png from <run_dir>/metrics.jsonl."""
+    run_dir = Path(run_dir)
+    recs = read_metrics(run_dir)
+    if not recs:
+        raise SystemExit(f"{run_dir / 'metrics.jsonl'}: no metrics (is {run_dir} a training run folder?)")
+    png = plot_rows([(run_dir.name, [(run_dir.name, recs)], False)], run_dir / "report.png")
+    done = run_dir / "DONE.json"
+    last = recs[-1]
+    status = (f"finished ({done.name}: {done.read_text().strip()[:300]})" if done.exists() else
+              f"not finished: last logged step {last['step']}"
+              + (f", ETA then {last['eta_s'] / 3600:.2f} h" if "eta_s" in last else ""))
+    keys = [k for k in dict.fromkeys(k for r in recs for k in r)
+            if k != "step" and all(isinstance(r.get(k), (int, float)) for r in recs if k in r)]
+    table = ["| metric | last | min | max | mean |", "|---|---|---|---|---|"]
+    for k in keys:
+        vals = [float(r[k]) for r in recs if k in r and math.isfinite(float(r[k]))]
+        if vals:
+            table.append(f"| {k} | {_fmt(vals[-1])} | {_fmt(min(vals))} | {_fmt(max(vals))} | "
+                         f"{_fmt(sum(vals) / len(vals))} |")
+    wall = sum(r.get("step_s", 0.0) for r in recs)
+    text = (f"# Run report: {run_dir}\n\n"
+            f"Status: {status}.\n\n"
+            f"{len(recs)} steps logged (steps {recs[0]['step']}-{last['step']}), {wall / 60:.1f} min of step time.\n\n"
+            "![curves](report.png)\n\n"
+            "Curves (README \"Watching a run\"): loss parts (total, LM, MTP, balance aux); learning rate; "
+            "throughput (tokens/s, MFU dashed); step time; memory (peak reserved/active GiB on CUDA, process "
+            "RSS on CPU, max over ranks); expert load max/mean (worst layer thick, each MoE layer thin).\n\n"
+            + "\n".join(table) + "\n")
+    out = run_dir / "report.md"
+    out.write_text(text)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", help="a run folder holding metrics.jsonl, e.g. runs/tiny/pretrain_s1")
+    a = ap.parse_args()
+    out = write_report(a.run)
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
