@@ -80,6 +80,13 @@ smoke: setup
 clean:
 	rm -rf runs outputs multirun
 
+# Any run's metrics as report.md + report.png in that run folder: make report RUN=runs/tiny/pretrain_s1
+RUN ?=
+.PHONY: report
+report: setup
+	@test -n "$(RUN)" || { echo "make report: set RUN=runs/<model>/<stage>"; exit 2; }
+	$(PYTHON) stages/report.py $(RUN)
+
 # Tokenizer and data (paper 2.3, 3.1). TOKENIZER/DATA pick conf/tokenizer/*.yaml and conf/data/*.yaml.
 TOKENIZER ?= tiny
 DATA      ?= tiny
