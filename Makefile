@@ -43,16 +43,21 @@ params: setup
 # previous stage's final checkpoint and resumes its own latest checkpoint if re-run after a kill.
 PRETRAIN_STAGES := pretrain_s1 pretrain_s2 pretrain_s3_16k pretrain_s3_32k
 OPTIM ?= $(if $(filter tiny,$(MODEL)),adamw_tiny,adamw)
-STAGE_ARGS = model=$(MODEL) hardware=$(HARDWARE) parallelism=$(PARALLEL) optim=$(OPTIM) $(ARGS)
+# The long-context stages run context parallel (paper 3.4: CP 4 at 16K, CP 8 at 32K): the paper's
+# 4K layout maps to axk1_16k/axk1_32k, the tiny one (cpu_fsdp_ep) to CP 2 x EP 2 on the 2 CPU ranks;
+# any other layout stays as given. Override with PARALLEL_16K=... / PARALLEL_32K=....
+long_layout = $(or $(if $(filter cpu_fsdp_ep,$(PARALLEL)),cpu_cp_ep),$(if $(filter axk1_pretrain,$(PARALLEL)),$(1)),$(PARALLEL))
+PARALLEL_16K ?= $(call long_layout,axk1_16k)
+PARALLEL_32K ?= $(call long_layout,axk1_32k)
+STAGE_ARGS = model=$(MODEL) hardware=$(HARDWARE) optim=$(OPTIM) $(ARGS)
+layout_of = $(if $(filter pretrain_s3_16k,$(1)),$(PARALLEL_16K),$(if $(filter pretrain_s3_32k,$(1)),$(PARALLEL_32K),$(PARALLEL)))
 
 pretrain: setup $(if $(filter tiny,$(MODEL)),artifacts/data/tiny/pretrain_s3/manifest.json)
 ifeq ($(LAUNCHER),slurm)
-	$(PYTHON) launcher.py chain $(addprefix pretrain:,$(PRETRAIN_STAGES)) launcher=slurm $(STAGE_ARGS) $(if $(WAIT),--wait)
+	$(PYTHON) launcher.py chain $(foreach s,$(PRETRAIN_STAGES),pretrain:$(s),parallelism=$(call layout_of,$(s))) launcher=slurm $(STAGE_ARGS) $(if $(WAIT),--wait)
 else
-	@for s in $(PRETRAIN_STAGES); do \
-	  echo "== $$s"; \
-	  $(TORCHRUN) --nproc_per_node $(NPROC) --master_port $${MASTER_PORT:-29512} stages/pretrain.py stage=$$s $(STAGE_ARGS) || exit 1; \
-	done
+	@set -e; $(foreach s,$(PRETRAIN_STAGES),echo "== $(s) (parallelism=$(call layout_of,$(s)))"; \
+	  $(TORCHRUN) --nproc_per_node $(NPROC) --master_port $${MASTER_PORT:-29512} stages/pretrain.py stage=$(s) parallelism=$(call layout_of,$(s)) $(STAGE_ARGS);)
 endif
 
 # Post-training chain (paper 4): instruct + reasoning SFT -> merge -> MOD SFT -> RL -> evaluate

@@ -16,6 +16,7 @@ pipeline, checkpoint and float8 paths apply unchanged.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -28,10 +29,10 @@ from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
 from torchtitan.models.common.moe import MoE, TokenChoiceTopKRouter
 from torchtitan.models.deepseek_v3 import MTPTransformerBlock, build_mla_moe_layers
-from torchtitan.models.deepseek_v3 import parallelize_deepseekv3
 from torchtitan.models.deepseek_v3.model import DeepSeekV3Model, DeepSeekV3TransformerBlock
 from torchtitan.protocols.model_spec import ModelSpec
 
+import context_parallel
 import kernels
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -53,18 +54,24 @@ class AXK1Router(TokenChoiceTopKRouter):
         return topk_scores, topk_ids, scores
 
 
-def sequence_balance_loss(scores_BLE: torch.Tensor, ids_BLK: torch.Tensor) -> torch.Tensor:
+def sequence_balance_loss(scores_BLE: torch.Tensor, ids_BLK: torch.Tensor, cp_group=None) -> torch.Tensor:
     """DeepSeek-V3's complementary sequence-wise balance loss, averaged over sequences.
 
     f_i = E / (K * L) * #tokens of the sequence routed to expert i, P_i = mean over the
     sequence of the normalised affinity s_i / sum_j s_j; loss = sum_i f_i * P_i (1 at balance).
+    Under context parallel (`cp_group`) a sequence's tokens are spread over the CP ranks: the
+    per-sequence sums run over the whole sequence, gradients go to each rank's own tokens.
     """
     _, L, E = scores_BLE.shape
     K = ids_BLK.shape[-1]
-    hits = torch.zeros_like(scores_BLE).scatter_(-1, ids_BLK, 1.0)
-    f_BE = hits.sum(dim=1) * (E / (K * L))
-    p_BE = (scores_BLE / scores_BLE.sum(dim=-1, keepdim=True)).mean(dim=1)
-    return (f_BE * p_BE).sum(dim=-1).mean()
+    hits_BE = torch.zeros_like(scores_BLE).scatter_(-1, ids_BLK, 1.0).sum(dim=1)
+    p_sum_BE = (scores_BLE / scores_BLE.sum(dim=-1, keepdim=True)).sum(dim=1)
+    if cp_group is not None:
+        hits_BE = context_parallel.sum_over_sequence_ranks(hits_BE, cp_group)
+        p_sum_BE = context_parallel.sum_over_sequence_ranks(p_sum_BE, cp_group)
+        L = L * torch.distributed.get_world_size(cp_group)
+    f_BE = hits_BE * (E / (K * L))
+    return (f_BE * p_sum_BE / L).sum(dim=-1).mean()
 
 
 class _AttachAuxLoss(torch.autograd.Function):
@@ -100,13 +107,14 @@ class AXK1MoE(MoE):
         self.aux_loss_alpha = config.aux_loss_alpha
         self.aux_grad_scale = 1.0  # 1 / micro-batches, set by the training loop
         self.last_aux_loss = None  # detached, for logging
+        self.cp_group = None  # the context-parallel group a sequence is split over (context_parallel.apply)
 
     def forward(self, x_BLD: torch.Tensor) -> torch.Tensor:
         out = super().forward(x_BLD)
         if not (self.training and self.aux_loss_alpha > 0):
             return out
         aux = self.aux_loss_alpha * sequence_balance_loss(
-            self.router.last_scores_BLE, self.router.last_ids_BLK
+            self.router.last_scores_BLE, self.router.last_ids_BLK, self.cp_group
         )
         self.last_aux_loss = aux.detach()
         return _AttachAuxLoss.apply(out, aux, self.aux_grad_scale)
@@ -158,7 +166,30 @@ class AXK1MTPBlock(MTPTransformerBlock):
 class AXK1Model(DeepSeekV3Model):
     @dataclass(kw_only=True, slots=True)
     class Config(DeepSeekV3Model.Config):
-        pass
+        def update_from_config(self, *, config, **kwargs) -> None:
+            # torchtitan's MTPDecoder refuses CP because its forward rolls the MTP inputs over the
+            # local tokens; the kit's CP rolls them over the full row before sharding (see
+            # forward below and context_parallel.py), so torchtitan's checks run as for cp=1.
+            p = config.parallelism
+            if p.context_parallel_degree > 1:
+                runtime = copy.copy(config)
+                runtime.parallelism = dataclasses.replace(p, context_parallel_degree=1)
+                config = runtime
+            DeepSeekV3Model.Config.update_from_config(self, config=config, **kwargs)
+
+    def forward(self, tokens, positions=None, attention_masks=None):
+        if not (isinstance(attention_masks, context_parallel.CPMasks) and self.mtp_layers is not None):
+            return super().forward(tokens, positions, attention_masks)
+        # Under CP: MTPDecoder.forward, with each depth's shifted tokens taken from the CP masks
+        # (rolled over the full row) instead of rolled over this rank's chunks.
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers.values():
+            h = layer(h, attention_masks, positions)
+        outputs, prev = [self.norm(h)], h
+        for layer, (shifted, valid) in zip(self.mtp_layers, attention_masks.mtp_inputs):
+            prev = layer(self.tok_embeddings(shifted), prev, valid, attention_masks, positions)
+            outputs.append(prev)
+        return [self.lm_head(o) for o in outputs]
 
     def get_attention_masks(self, positions: torch.Tensor):
         # The CPU attention kernel takes a dense causal+document mask; flex/varlen use
@@ -208,7 +239,7 @@ def build_model_config(m: DictConfig, *, attention: str, moe_comm_backend: str =
 
     def convert(block, block_cls):
         f = _fields(block)
-        f["attention"] = dataclasses.replace(block.attention, inner_attention=inner_attention)
+        f["attention"] = context_parallel.MLA.Config(**{**_fields(block.attention), "inner_attention": inner_attention})
         f["attention"].q_norm = dataclasses.replace(f["attention"].q_norm, eps=m.norm_eps)
         f["attention"].kv_norm = dataclasses.replace(f["attention"].kv_norm, eps=m.norm_eps)
         f["attention_norm"], f["ffn_norm"] = norm(), norm()
@@ -251,7 +282,7 @@ def model_registry(model_cfg: DictConfig, *, attention: str = "flex", moe_comm_b
         model=build_model_config(model_cfg, attention=attention, moe_comm_backend=moe_comm_backend,
                                  expert_gemm_dtype=expert_gemm_dtype, expert_fuse_gate_up=expert_fuse_gate_up,
                                  bias_update_rate=bias_update_rate),
-        parallelize_fn=parallelize_deepseekv3,
+        parallelize_fn=context_parallel.parallelize,  # torchtitan's parallelize_deepseekv3 + the kit's CP
         pipelining_fn=pipeline_llm,
         post_optimizer_build_fn=register_moe_load_balancing_hook,
         state_dict_adapter=None,

@@ -22,6 +22,7 @@ from torchtitan.distributed.utils import clip_grad_norm_
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import configs  # noqa: E402
+import context_parallel  # noqa: E402
 import data  # noqa: E402
 import monitoring  # noqa: E402
 import training  # noqa: E402
@@ -40,6 +41,7 @@ def run(cfg: DictConfig) -> dict:
     net, spec, pdims, flops_per_token = training.build_model(
         cfg, world, bias_update_rate=stage.bias_update_rate, seed=cfg.seed)
     opt = training.build_optimizer(net, o, spec, pdims)
+    cp = context_parallel.build(net, pdims)  # None unless parallelism.cp > 1
 
     # ---- data --------------------------------------------------------------------------
     batch_mesh = pdims.get_optional_mesh("batch")
@@ -84,6 +86,8 @@ def run(cfg: DictConfig) -> dict:
         n_micro = batch["input_ids"].shape[0] // micro
         # Normalise by the global number of targets: torchtitan's FSDP sums gradients over ranks.
         targets = training.loss_labels(batch["labels"], batch["positions"], cfg.model.num_mtp_layers)
+        if cp is not None:  # this rank's head-tail chunks of every row; targets were built on full rows
+            batch, targets = cp.shard(batch, targets, cfg.model.num_mtp_layers)
         n_targets = training.count_targets(targets)
         dist.all_reduce(n_targets, group=loss_group)
         training.set_aux_grad_scale(net, 1.0 / (n_micro * dp_size))
@@ -91,7 +95,8 @@ def run(cfg: DictConfig) -> dict:
         for i in range(n_micro):
             rows = slice(i * micro, (i + 1) * micro)
             tokens, positions = batch["input_ids"][rows].to(device), batch["positions"][rows].to(device)
-            preds = net(tokens, positions, net.get_attention_masks(positions))
+            masks = cp.masks(batch, rows, device) if cp is not None else net.get_attention_masks(positions)
+            preds = net(tokens, positions, masks)
             ce = training.ce_sums(preds, [t[rows].to(device) for t in targets])
             loss = ce[0] / n_targets[0]
             if len(ce) > 1:
@@ -107,7 +112,7 @@ def run(cfg: DictConfig) -> dict:
 
         dist.all_reduce(sums, group=loss_group)
         lm_v, mtp_v = (sums[:2] / n_targets.clamp(min=1)).tolist()
-        aux_v = float(sums[2]) / dp_size
+        aux_v = float(sums[2]) / (dp_size * pdims.cp)  # CP ranks each hold their rows' full aux loss
         loss_val = lm_v + stage.mtp_scale * mtp_v + aux_v
         state["step"] += 1
         state["loss"] = loss_val
