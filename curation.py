@@ -28,6 +28,8 @@ from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.filters.gopher_repetition_filter import GopherRepetitionFilter
 from datatrove.utils.word_tokenizers import WordTokenizer
 
+from progress import progress
+
 _WORD = re.compile(r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]+|[\u4e00-\u9fff\u3400-\u4dbf]|"
                    r"[\u3040-\u30ff\u30fc]+|[^\W\d_]+|\d+", re.UNICODE)
 _MATHY = re.compile(r"[0-9=+\-*/^<>∑∫√]")
@@ -278,7 +280,7 @@ class HashedLinear:
     @torch.no_grad()
     def predict_proba(self, texts: list[str]) -> np.ndarray:
         out = []
-        for i in range(0, len(texts), 256):
+        for i in progress(range(0, len(texts), 256), desc="[curate] classify (256 docs each)", unit="batch"):
             flat, off = self._bags(texts[i:i + 256])
             out.append(torch.softmax(self.emb(flat, off) + self.bias, -1).numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)))
@@ -298,7 +300,8 @@ class HFEncoder:
     @torch.no_grad()
     def predict_proba(self, texts: list[str]) -> np.ndarray:
         out = []
-        for i in range(0, len(texts), self.batch_size):
+        for i in progress(range(0, len(texts), self.batch_size), desc=f"[curate] classify ({self.batch_size} docs each)",
+                          unit="batch"):
             enc = self.tok(texts[i:i + self.batch_size], truncation=True, max_length=self.max_length,
                            padding=True, return_tensors="pt")
             out.append(torch.softmax(self.model(**enc).logits.float(), -1).numpy())

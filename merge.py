@@ -37,6 +37,8 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from progress import progress
+
 PREFIX = "model."
 ROW_CHUNK_ELEMS = 1 << 24  # float32 scratch per chunk: 64 MiB, whatever the tensor size
 
@@ -104,11 +106,15 @@ def merge_tensor(r: torch.Tensor, i: torch.Tensor, alpha: float) -> torch.Tensor
 def file_hash(ckpt: Path) -> str:
     """sha256 over the checkpoint's files (names + bytes, sorted), streamed in 8 MiB blocks."""
     h = hashlib.sha256()
-    for f in sorted(p for p in Path(ckpt).iterdir() if p.is_file() and (p.suffix == ".distcp" or p.name == ".metadata")):
-        h.update(f.name.encode())
-        with f.open("rb") as fh:
-            while block := fh.read(8 << 20):
-                h.update(block)
+    files = sorted(p for p in Path(ckpt).iterdir() if p.is_file() and (p.suffix == ".distcp" or p.name == ".metadata"))
+    with progress(total=sum(f.stat().st_size for f in files), desc=f"[merge] sha256 {Path(ckpt).name}", unit="B",
+                  scale=True) as bar:
+        for f in files:
+            h.update(f.name.encode())
+            with f.open("rb") as fh:
+                while block := fh.read(8 << 20):
+                    h.update(block)
+                    bar.update(len(block))
     return h.hexdigest()
 
 
@@ -133,8 +139,11 @@ def merge_checkpoints(reasoning: Path, instruct: Path, out: Path, alpha: float, 
     check_compatible(meta_r, meta_i)
 
     copied, disagreed = [], []
+    bar = progress(total=sum(int(torch.Size(m.size).numel()) for m in meta_r.values()), desc="[merge] merge",
+                   unit="param", scale=True)
 
     def produce(fqn: str) -> torch.Tensor:
+        bar.update(int(torch.Size(meta_r[fqn].size).numel()))
         r = load_tensor(reasoning, fqn, meta_r[fqn])
         i = load_tensor(instruct, fqn, meta_i[fqn])
         if r.is_floating_point():
@@ -153,6 +162,7 @@ def merge_checkpoints(reasoning: Path, instruct: Path, out: Path, alpha: float, 
         # thread_count=1 and no copy-ahead: DCP's serial loader resolves (= merges) one tensor at a time.
         dcp.save(plan, storage_writer=FileSystemWriter(str(tmp), thread_count=1, per_thread_copy_ahead=0),
                  planner=_MergePlanner(produce))
+        bar.close()
         manifest = {
             "formula": "theta = alpha * theta_reasoning + (1 - alpha) * theta_instruct (paper 4.3, Eq. 1)",
             "alpha": alpha,

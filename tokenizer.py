@@ -26,6 +26,8 @@ from typing import Iterable, Iterator
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from progress import progress
+
 # One-token control strings. bos/eos separate documents; role tokens open chat turns.
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
@@ -87,26 +89,25 @@ def build_untrained(cfg=None) -> Tokenizer:
     return tok
 
 
-def _progress(docs: Iterable[str], every: int, label: str) -> Iterator[str]:
-    n_docs = n_bytes = 0
+def _counted(docs: Iterable[str], bar) -> Iterator[str]:
     for d in docs:
-        n_docs += 1
-        n_bytes += len(d.encode("utf-8", "surrogatepass"))
-        if every and n_docs % every == 0:
-            print(f"[{label}] streamed {n_docs} docs, {n_bytes / 1e6:.1f} MB", flush=True)
         yield d
-    print(f"[{label}] streamed {n_docs} docs, {n_bytes / 1e6:.1f} MB total", flush=True)
+        bar.update(len(d.encode("utf-8", "surrogatepass")))
 
 
 def train_tokenizer(docs: Iterable[str], *, vocab_size: int, min_frequency: int = 2,
-                    show_progress: bool = True, label: str = "tokenizer") -> Tokenizer:
-    """Trains on a lazy iterable of documents; pads with reserved tokens up to vocab_size."""
+                    show_progress: bool = True, label: str = "tokenizer", total_bytes: int | None = None) -> Tokenizer:
+    """Trains on a lazy iterable of documents; pads with reserved tokens up to vocab_size.
+    `total_bytes` (the budget, when known) gives the input-streaming progress an end."""
     vocab_size = check_vocab_size(vocab_size)
     tok = build_untrained()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress)
-    tok.train_from_iterator(_progress(docs, 2000 if show_progress else 0, label), trainer=trainer)
+    bar = progress(total=total_bytes, desc=f"[{label}] training input", unit="B", scale=True) if show_progress else None
+    tok.train_from_iterator(_counted(docs, bar) if bar else docs, trainer=trainer)
+    if bar:
+        bar.close()
     # A small corpus can run out of merges before vocab_size; reserved tokens fill the table so
     # the embedding matrix always has exactly the configured (128-aligned) number of rows.
     missing = vocab_size - tok.get_vocab_size()

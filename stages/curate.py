@@ -26,6 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 import curation as C
 import data as D
 import tokenizer as tk
+from progress import progress
+
+TOKENIZE_BATCH = 4096  # documents per encode_batch call (tokenizers parallelises inside one), a progress tick each
 
 
 def _sha256_file(path: Path) -> str:
@@ -40,7 +43,7 @@ def read_sources(sources: dict, audit: dict) -> list[dict]:
     docs = []
     for name, src in sources.items():
         st = {"docs": 0, "bytes": 0}
-        for rec in D.iter_records({"name": name, **src}, st):
+        for rec in progress(D.iter_records({"name": name, **src}, st), desc=f"[curate] read {name}", unit="doc"):
             st["docs"] += 1
             st["bytes"] += len(rec["text"].encode("utf-8", "surrogatepass"))
             docs.append(rec)
@@ -303,8 +306,13 @@ def main(cfg: DictConfig) -> None:
     audit["docs_kept"] = len(docs)
 
     # Tokenize every surviving document once; stages reuse the ids (upsampled docs included).
-    enc = tok.encode_batch([d["text"] for d in docs], add_special_tokens=False)
-    tok_ids = {d["id"]: e.ids for d, e in zip(docs, enc)}
+    tok_ids = {}
+    with progress(total=len(docs), desc="[curate] tokenize", unit="doc") as bar:
+        for i in range(0, len(docs), TOKENIZE_BATCH):
+            chunk = docs[i:i + TOKENIZE_BATCH]
+            tok_ids.update((d["id"], e.ids) for d, e in zip(chunk, tok.encode_batch([d["text"] for d in chunk],
+                                                                                  add_special_tokens=False)))
+            bar.update(len(chunk))
     for d in docs:
         d["n_tokens"] = len(tok_ids[d["id"]]) + 1
 

@@ -27,6 +27,7 @@ import chat_data  # noqa: E402
 import generate  # noqa: E402
 import rl  # noqa: E402
 import tokenizer as tokmod  # noqa: E402
+from progress import progress  # noqa: E402
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
@@ -111,7 +112,7 @@ def run(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, all_samples = {}, []
-    for label, src in cfg.checkpoints.items():
+    for label, src in progress(list(cfg.checkpoints.items()), desc="[evaluate] checkpoints", unit="ckpt"):
         ckpt = resolve(cfg, label, src)
         load_weights(net, ckpt)
         rows[label], samples = evaluate_checkpoint(net, tok, records, cfg)

@@ -29,7 +29,8 @@ def _train(cfg: DictConfig, *, balanced: bool, out_dir: str, label: str):
     t0 = time.time()
     docs = tk.mixture_stream(sources, int(float(t.budget_mb) * 1e6), cfg.seed, balanced=balanced,
                              heldout_every=int(cfg.report.heldout_every))
-    tok = tk.train_tokenizer(docs, vocab_size=int(t.vocab_size), min_frequency=int(t.min_frequency), label=label)
+    tok = tk.train_tokenizer(docs, vocab_size=int(t.vocab_size), min_frequency=int(t.min_frequency), label=label,
+                             total_bytes=int(float(t.budget_mb) * 1e6))
     cfg_hash = hashlib.sha256(json.dumps(OmegaConf.to_container(t, resolve=True), sort_keys=True).encode()).hexdigest()
     out = tk.save_tokenizer(tok, out_dir, model_max_length=int(t.model_max_length),
                             extra={"name": t.name, "balanced": balanced, "config_sha256": cfg_hash,
