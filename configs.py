@@ -75,15 +75,8 @@ def errors(cfg: DictConfig, world_size: int | None = None) -> list[str]:
         out.append(f"parallelism/{p.name}.yaml ep={p.ep}: expected to divide dp_shard*cp={dp_shard * p.cp}")
     if m.num_experts % p.ep:
         out.append(f"parallelism/{p.name}.yaml ep={p.ep}: expected to divide model.num_experts={m.num_experts}")
-    if p.pp > 1 and m.n_layers < 2 * p.pp:
-        # torchtitan splits layers + embedding + head into pp stages that differ by at most one
-        # layer (61 layers on PP 16: 3-4 per stage); fewer than two per stage leaves stages that
-        # hold only the embedding or the head.
-        out.append(f"parallelism/{p.name}.yaml pp={p.pp}: model.n_layers={m.n_layers} does not split into "
-                   f"{p.pp} stages (expected at least 2 layers per stage)")
-    if p.pp > 1 and m.num_mtp_layers > 0:
-        out.append(f"parallelism/{p.name}.yaml pp={p.pp}: torchtitan 0.3.0 cannot pipeline MTP layers; "
-                   f"set model.num_mtp_layers=0 or pp=1 (see README 'Known gaps')")
+    if p.pp > 1:
+        out += pipeline_errors(cfg)
     if p.tp != 1:
         out.append(f"parallelism/{p.name}.yaml tp={p.tp}: A.X K1 trains without tensor parallelism (paper 3.4); expected 1")
     if hw.device == "cpu" and hw.attention == "flex":
@@ -120,14 +113,46 @@ def errors(cfg: DictConfig, world_size: int | None = None) -> list[str]:
     return out
 
 
+def pipeline_errors(cfg: DictConfig) -> list[str]:
+    """A pipeline layout the kit can build: a known schedule, its stages per rank, and a split of
+    [embedding, layers, head + MTP] with at least one of them on every stage (pipeline.py)."""
+    from torch.distributed.pipelining.schedules import get_schedule_class  # torch, not at import
+    import pipeline
+
+    p, m, out = cfg.parallelism, cfg.model, []
+    try:
+        get_schedule_class(p.pp_schedule)
+    except ValueError:
+        return [f"parallelism/{p.name}.yaml pp_schedule={p.pp_schedule}: not a torch.distributed.pipelining "
+                f"schedule (expected e.g. 1F1B, GPipe, Interleaved1F1B)"]
+    if pipeline.is_v_schedule(p.pp_schedule):
+        out.append(f"parallelism/{p.name}.yaml pp_schedule={p.pp_schedule}: V schedules put the first and last "
+                   f"stage on one rank, which the MTP embedding copy does not handle; use 1F1B or Interleaved1F1B")
+    single = pipeline.stages_per_rank(p.pp_schedule) == 1
+    if single and p.pp_stages_per_rank != 1:
+        out.append(f"parallelism/{p.name}.yaml pp_stages_per_rank={p.pp_stages_per_rank}: pp_schedule="
+                   f"{p.pp_schedule} runs one stage per rank; expected 1 (or an interleaved schedule)")
+    if not single and p.pp_stages_per_rank < 2:
+        out.append(f"parallelism/{p.name}.yaml pp_stages_per_rank={p.pp_stages_per_rank}: pp_schedule="
+                   f"{p.pp_schedule} loops over several stages per rank; expected at least 2")
+    n_stages, n_chunks = p.pp * p.pp_stages_per_rank, m.n_layers + 2
+    if n_stages > n_chunks:
+        out.append(f"parallelism/{p.name}.yaml pp={p.pp} x pp_stages_per_rank={p.pp_stages_per_rank}: "
+                   f"{n_stages} stages for model/{m.name}.yaml's {n_chunks} pipeline chunks "
+                   f"(embedding, {m.n_layers} layers, head + MTP); expected at most {n_chunks}")
+    return out
+
+
 def loop_errors(cfg: DictConfig) -> list[str]:
-    """Layouts that validate but that this release's training loops cannot run correctly: they
-    build torchtitan's parallelized model but do not step a pipeline schedule. Refused at
+    """Layouts that validate but that this release's loops cannot run correctly. Refused at
     submission and at start, rather than training a wrong model on a thousand GPUs."""
     p, out = cfg.parallelism, []
-    if p.pp > 1:
-        out.append(f"parallelism/{p.name}.yaml pp={p.pp}: the training loops do not drive torchtitan's pipeline "
-                   f"schedule yet (README 'Known gaps'); use a pp=1 layout")
+    if p.pp > 1 and cfg.stage.get("kind") not in ("pretrain", "sft"):
+        out.append(f"parallelism/{p.name}.yaml pp={p.pp}: stage/{cfg.stage.name}.yaml (kind {cfg.stage.get('kind')}) "
+                   f"runs without pipeline parallel (only pretrain and sft stages step a schedule); use pp=1")
+    if p.pp > 1 and p.cp > 1:
+        out.append(f"parallelism/{p.name}.yaml pp={p.pp} x cp={p.cp}: pipeline stages do not take context-parallel "
+                   f"inputs yet (README 'Known gaps'); use pp=1 with cp, or cp=1 with pp")
     return out
 
 

@@ -332,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
                 hw = hardware_of(cfg)
                 print(f"ok: {path.stem} on {hw.nodes} x {hw.procs_per_node} ranks ({hw.name}), "
                       f"launcher {OmegaConf.select(cfg, 'launcher.name', default='local')}")
+                if OmegaConf.select(cfg, "parallelism.pp", default=1) > 1 and "budget" in cfg.stage:
+                    import configs
+                    import pipeline  # the stage split the trainer builds, validated
+                    p = cfg.parallelism
+                    print(pipeline.split_report(cfg.model, p.pp * p.pp_stages_per_rank, configs.budget(cfg).seq_len))
             return 0
         if a.command == "run" and len(specs) != 1:
             raise LaunchError("run takes one spec; use chain for several")

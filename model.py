@@ -30,6 +30,7 @@ from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
 from torchtitan.models.common.moe import MoE, TokenChoiceTopKRouter
 from torchtitan.models.deepseek_v3 import MTPTransformerBlock, build_mla_moe_layers
 from torchtitan.models.deepseek_v3.model import DeepSeekV3Model, DeepSeekV3TransformerBlock
+from torchtitan.models.deepseek_v3.mtp import roll_mtp_sequence
 from torchtitan.protocols.model_spec import ModelSpec
 
 import context_parallel
@@ -190,6 +191,35 @@ class AXK1Model(DeepSeekV3Model):
             prev = layer(self.tok_embeddings(shifted), prev, valid, attention_masks, positions)
             outputs.append(prev)
         return [self.lm_head(o) for o in outputs]
+
+    # Set on each pipeline stage's chunk by pipeline.build_pipeline: True on the first stage (its
+    # input is token ids), False on the others (the previous stage's hidden state). None: the
+    # whole model, which runs torchtitan's forward unchanged.
+    pipeline_first: bool | None = None
+
+    def forward(self, tokens, positions=None, attention_masks=None, input_ids=None):
+        if self.pipeline_first is None:
+            return super().forward(tokens, positions, attention_masks)
+        return self._stage_forward(tokens, positions, input_ids)
+
+    def _stage_forward(self, x, positions, input_ids):
+        """One pipeline stage: the modules the split left on this chunk (the others are None or
+        empty). Masks are built per micro-batch from positions (the schedule splits tensors only);
+        the last stage runs the head and the MTP layers, embedding the shifted token ids with its
+        copy of the embedding (see pipeline.py)."""
+        masks = self.get_attention_masks(positions)
+        h = self.tok_embeddings(x) if self.pipeline_first else x
+        for layer in self.layers.values():
+            h = layer(h, masks, positions)
+        if self.lm_head is None:
+            return h
+        outputs = [self.lm_head(self.norm(h))]
+        for depth, layer in enumerate(self.mtp_layers or [], 1):
+            ids, valid = roll_mtp_sequence(input_ids, shift=depth, fill_value=0, positions=positions,
+                                           return_valid_mask=True)
+            h = layer(self.tok_embeddings(ids), h, valid, masks, positions)
+            outputs.append(self.lm_head(h))
+        return outputs if len(outputs) > 1 else outputs[0]
 
     def get_attention_masks(self, positions: torch.Tensor):
         # The CPU attention kernel takes a dense causal+document mask; flex/varlen use

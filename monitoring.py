@@ -139,27 +139,42 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def router_stats(net: torch.nn.Module) -> dict:
+def router_stats(net, group=None) -> dict:
     """Expert load over this step's tokens, summed over ranks: expert_imbalance (max/mean load,
     worst layer), per layer max/mean load and the number of experts that got no token, and the
     norm of each layer's routing bias. Call on every rank before optimizer.step(). Routing is
-    dropless (torchtitan's MoE never drops a token), so zero-load experts are the failure to watch."""
-    blocks = {name: blk.moe for name, blk in net.layers.items() if getattr(blk, "moe_enabled", False)}
-    if not blocks:
-        return {"expert_imbalance": 1.0}
-    counts = torch.stack([m.tokens_per_expert_E.to_local() if hasattr(m.tokens_per_expert_E, "to_local")
-                          else m.tokens_per_expert_E for m in blocks.values()]).float()
-    if dist.is_initialized():
-        dist.all_reduce(counts)
-    max_load = (counts.max(dim=1).values / counts.mean(dim=1).clamp(min=1e-9)).tolist()
-    zero = (counts == 0).sum(dim=1).tolist()
-    out = {"expert_imbalance": max(max_load),
-           "router_zero_load_experts": int(sum(zero)),
-           "router_max_load": {n: v for n, v in zip(blocks, max_load)},
-           "router_zero_load": {n: int(z) for n, z in zip(blocks, zero)}}
-    biases = {n: m.expert_bias_E for n, m in blocks.items() if getattr(m, "expert_bias_E", None) is not None}
-    if biases:
-        out["router_bias_norm"] = {n: float(_local(b).float().norm()) for n, b in biases.items()}
+    dropless (torchtitan's MoE never drops a token), so zero-load experts are the failure to watch.
+    `net` may be a list of pipeline chunks: counts are then summed over `group` (the data ranks;
+    None: one) and every rank returns the stats of all stages' layers."""
+    pipelined = isinstance(net, list)
+    parts = net if pipelined else [net]
+    blocks = {name: blk.moe for part in parts for name, blk in part.layers.items() if getattr(blk, "moe_enabled", False)}
+    out = {"expert_imbalance": 1.0}
+    if blocks:
+        counts = torch.stack([m.tokens_per_expert_E.to_local() if hasattr(m.tokens_per_expert_E, "to_local")
+                              else m.tokens_per_expert_E for m in blocks.values()]).float()
+        if dist.is_initialized() and (group is not None or not pipelined):
+            dist.all_reduce(counts, group=group)
+        max_load = (counts.max(dim=1).values / counts.mean(dim=1).clamp(min=1e-9)).tolist()
+        zero = (counts == 0).sum(dim=1).tolist()
+        out = {"expert_imbalance": max(max_load),
+               "router_zero_load_experts": int(sum(zero)),
+               "router_max_load": {n: v for n, v in zip(blocks, max_load)},
+               "router_zero_load": {n: int(z) for n, z in zip(blocks, zero)}}
+        biases = {n: m.expert_bias_E for n, m in blocks.items() if getattr(m, "expert_bias_E", None) is not None}
+        if biases:
+            out["router_bias_norm"] = {n: float(_local(b).float().norm()) for n, b in biases.items()}
+    if pipelined and dist.is_initialized():  # each stage holds other layers: merge them by name
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, out)
+        merged = {"expert_imbalance": max(o["expert_imbalance"] for o in every)}
+        for key in ("router_max_load", "router_zero_load", "router_bias_norm"):
+            if any(key in o for o in every):
+                merged[key] = dict(sorted((kv for o in every for kv in o.get(key, {}).items()),
+                                          key=lambda kv: int(kv[0])))
+        if "router_zero_load" in merged:
+            merged["router_zero_load_experts"] = int(sum(merged["router_zero_load"].values()))
+        out = merged
     return out
 
 

@@ -7,6 +7,7 @@ stage it serves.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
 from torchtitan.distributed.activation_checkpoint import ActivationCheckpointingConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.distributed import utils as dist_utils
+from torchtitan.distributed.utils import clip_grad_norm_
 from torchtitan.models.deepseek_v3.mtp import roll_mtp_sequence
 
 import configs
@@ -33,6 +35,7 @@ import kernels
 import model as axk1
 import monitoring
 import perf_model
+import pipeline
 
 
 # ----------------------------------------------------------------------------------------
@@ -84,7 +87,19 @@ def torchtitan_parallelism(cfg: DictConfig, world_size: int) -> ParallelismConfi
 
 
 def build_model(cfg: DictConfig, world_size: int, *, bias_update_rate: float, seed: int):
-    """Returns (model, spec, parallel_dims, flops_per_token)."""
+    """Returns (model, spec, parallel_dims, flops_per_token) for a stage that runs without
+    pipeline parallel (evaluation, RL, merging); training loops use build_model_parts."""
+    parts, pipe, spec, parallel_dims, flops_per_token = build_model_parts(
+        cfg, world_size, bias_update_rate=bias_update_rate, seed=seed)
+    if pipe is not None:
+        raise configs.ConfigError(f"parallelism/{cfg.parallelism.name}.yaml pp={cfg.parallelism.pp}: this stage "
+                                  f"runs without pipeline parallel; expected pp=1")
+    return parts[0], spec, parallel_dims, flops_per_token
+
+
+def build_model_parts(cfg: DictConfig, world_size: int, *, bias_update_rate: float, seed: int):
+    """Returns (parts, pipeline, spec, parallel_dims, flops_per_token): this rank's model chunks
+    ([the whole model] when pp=1) and the pipeline.Pipeline that steps them (None when pp=1)."""
     hw, p = cfg.hardware, cfg.parallelism
     kernels.check_moe_comm_backend(p.moe_comm_backend)
     kernels.check_float8(hw.float8, hw.device)
@@ -96,7 +111,9 @@ def build_model(cfg: DictConfig, world_size: int, *, bias_update_rate: float, se
 
     class _RuntimeConfig:  # the one field torchtitan's update_from_config reads off a non-Trainer config
         pass
-    _RuntimeConfig.parallelism = parallelism
+    # torchtitan 0.3.0's MTP config refuses pipeline parallel (models/deepseek_v3/mtp.py); the
+    # kit runs MTP on the last stage itself (pipeline.py), so the model config is sized as pp=1.
+    _RuntimeConfig.parallelism = dataclasses.replace(parallelism, pipeline_parallel_degree=1)
     spec.model.update_from_config(config=_RuntimeConfig())
 
     parallel_dims = ParallelDims.from_config(parallelism, world_size)
@@ -108,25 +125,30 @@ def build_model(cfg: DictConfig, world_size: int, *, bias_update_rate: float, se
     flops_per_token = perf_model.train_flops_per_token(cfg.model, configs.budget(cfg).seq_len)
 
     ac = None if p.activation_checkpoint == "none" else ActivationCheckpointingConfig(mode=p.activation_checkpoint)
-    net = spec.parallelize_fn(
-        net, parallel_dims=parallel_dims,
-        training=TrainingConfig(mixed_precision_param=hw.param_dtype, mixed_precision_reduce=hw.reduce_dtype),
-        parallelism=parallelism, compile_config=CompileConfig(), ac_config=ac, dump_folder=cfg.run_dir,
-    )
+    training = TrainingConfig(mixed_precision_param=hw.param_dtype, mixed_precision_reduce=hw.reduce_dtype)
     device = device_of(hw)
-    if hw.backend == "gloo":
-        # torchtitan sets FSDP's gradient divide factor to 1 (the loss is normalised by the
-        # global token count instead), which FSDP turns into ReduceOp.PREMUL_SUM: NCCL-only.
-        # Gloo gets the same arithmetic as a plain SUM.
-        for mod in net.modules():
-            if isinstance(mod, FSDPModule):
-                mod.set_force_sum_reduction_for_comms(True)
-    net.to_empty(device=device)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        net.init_states(buffer_device=device)
-    net.train()
-    return net, spec, parallel_dims, flops_per_token
+    pipe = None
+    if p.pp > 1:
+        parts, pipe = pipeline.build_pipeline(net, spec, cfg, parallel_dims, parallelism, training, ac, device)
+    else:
+        parts = [spec.parallelize_fn(net, parallel_dims=parallel_dims, training=training, parallelism=parallelism,
+                                     compile_config=CompileConfig(), ac_config=ac, dump_folder=cfg.run_dir)]
+    for net in parts:
+        if hw.backend == "gloo":
+            # torchtitan sets FSDP's gradient divide factor to 1 (the loss is normalised by the
+            # global token count instead), which FSDP turns into ReduceOp.PREMUL_SUM: NCCL-only.
+            # Gloo gets the same arithmetic as a plain SUM.
+            for mod in net.modules():
+                if isinstance(mod, FSDPModule):
+                    mod.set_force_sum_reduction_for_comms(True)
+        net.to_empty(device=device)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            net.init_states(buffer_device=device)
+        net.train()
+    if pipe is not None:
+        pipe.sync_embedding_weights()
+    return parts, pipe, spec, parallel_dims, flops_per_token
 
 
 def build_optimizer(net: torch.nn.Module, o: DictConfig, spec, parallel_dims) -> torch.optim.Optimizer:
@@ -187,6 +209,63 @@ def ce_sums(preds, targets: list[torch.Tensor]) -> list[torch.Tensor]:
     return [cross_entropy_loss(p, t) for p, t in zip(preds, targets)]
 
 
+def step_loss(ce: list[torch.Tensor], n_targets: torch.Tensor, mtp_scale: float) -> torch.Tensor:
+    """The loss one micro-batch backpropagates: its summed CE over the GLOBAL target count of the
+    step (main head + mtp_scale x the MTP heads), so gradients summed over micro-batches, data
+    ranks and pipeline stages equal the gradient of the step's mean loss."""
+    loss = ce[0] / n_targets[0].clamp(min=1)
+    if len(ce) > 1:
+        loss = loss + mtp_scale * sum(ce[1:]) / n_targets[1].clamp(min=1)
+    return loss
+
+
+def train_step(parts: list[torch.nn.Module], pipe, batch: dict, targets: list[torch.Tensor],
+               n_targets: torch.Tensor, *, micro: int, mtp_scale: float, dp_size: int,
+               device: torch.device, cp=None) -> torch.Tensor:
+    """Forward + backward of one optimizer step's local rows; the one seam every layout enters by.
+
+    `parts` are this rank's model chunks ([net] without pipeline parallel), `pipe` the pipeline
+    (pipeline.Pipeline) or None, `cp` the context_parallel.ContextParallel handle (batch and
+    targets already sharded by it) or None. Rows go through in micro-batches of `micro`: a plain
+    forward-backward loop, or torch.distributed.pipelining's schedule over the stages. Gradients
+    are left in the parameters (the caller clips and steps). Returns [summed LM CE, summed MTP CE,
+    aux loss (mean over micro-batches, summed over MoE layers)] summed over all ranks.
+    """
+    n_micro = max(1, batch["input_ids"].shape[0] // micro)  # fewer rows than micro: one micro-batch
+    for part in parts:
+        set_aux_grad_scale(part, 1.0 / (n_micro * dp_size))
+    if pipe is not None:
+        def loss_fn(preds, tgts):  # on the last stage, once per micro-batch
+            ce = ce_sums(preds, tgts)
+            return step_loss(ce, n_targets, mtp_scale), torch.stack([ce[0].detach(), sum(ce[1:]).detach()
+                                                                      if len(ce) > 1 else ce[0].new_zeros(())])
+        sums = pipe.step(batch, targets, loss_fn, n_micro=n_micro, device=device)
+    else:
+        net, sums = parts[0], torch.zeros(3)
+        for i in range(n_micro):
+            rows = slice(i * micro, (i + 1) * micro)
+            tokens, positions = batch["input_ids"][rows].to(device), batch["positions"][rows].to(device)
+            masks = cp.masks(batch, rows, device) if cp is not None else net.get_attention_masks(positions)
+            preds = net(tokens, positions, masks)
+            ce = ce_sums(preds, [t[rows].to(device) for t in targets])
+            step_loss(ce, n_targets, mtp_scale).backward()
+            sums += torch.tensor([ce[0].item(), sum(c.item() for c in ce[1:]),
+                                  aux_loss_value(net) / n_micro])
+    # Every rank holds a share: its data rows (dp), its sequence chunk (cp), its stages' MoE aux
+    # and, on the last stage only, the CE (pp). tp is always 1 (configs.errors), so the world
+    # group is exactly dp x cp x pp.
+    dist.all_reduce(sums)
+    return sums
+
+
+def clip_grad_norm(parts: list[torch.nn.Module], pipe, max_norm: float, parallel_dims) -> torch.Tensor:
+    """torchtitan's gradient clipping (EP-aware; over the PP mesh when pipelined)."""
+    if pipe is not None:
+        return pipe.clip_grad_norm_(max_norm)
+    return clip_grad_norm_(parts[0].parameters(), max_norm, foreach=True,
+                           pp_mesh=parallel_dims.get_optional_mesh("pp"), ep_enabled=parallel_dims.ep_enabled)
+
+
 def set_aux_grad_scale(net: torch.nn.Module, scale: float) -> None:
     for moe in axk1.moe_layers(net):
         moe.aux_grad_scale = scale
@@ -197,10 +276,10 @@ def aux_loss_value(net: torch.nn.Module) -> float:
     return float(sum(vals)) if vals else 0.0
 
 
-def expert_load_imbalance(net: torch.nn.Module) -> float:
+def expert_load_imbalance(net, group=None) -> float:
     """max/mean tokens per expert, worst MoE layer, summed over ranks (read before the optimizer
     step: torchtitan's balancing hook resets the counts). monitoring.router_stats has the rest."""
-    return monitoring.router_stats(net)["expert_imbalance"]
+    return monitoring.router_stats(net, group)["expert_imbalance"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -226,9 +305,29 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path if (path / ".metadata").exists() else None
 
 
+def _parts(net) -> list[torch.nn.Module]:
+    return list(net) if isinstance(net, (list, tuple)) else [net]
+
+
+_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)  # keys by parameter name: any layout reads them
+
+
+def _train_state_dicts(net, opt) -> tuple[dict, dict, list]:
+    """Model and optimizer state of every chunk, merged under the whole model's names (a
+    pipeline chunk keeps its modules' names, so any layout saves and loads the same keys)."""
+    model_sd, optim_sd, per_part = {}, {}, []
+    for part, o in zip(_parts(net), _parts(opt)):
+        m, s = get_state_dict(part, o, options=_FLAT)
+        model_sd.update(m)
+        optim_sd.update(s)
+        per_part.append((list(m), list(s)))
+    return model_sd, optim_sd, per_part
+
+
 def save_checkpoint(run_dir, step: int, net, opt, train_state: dict, keep_last: int) -> Path:
     """All ranks write into step-N.tmp; rank 0 renames it and then moves `latest`, so a crash
-    mid-write leaves the previous checkpoint (and the pointer to it) untouched."""
+    mid-write leaves the previous checkpoint (and the pointer to it) untouched. `net`/`opt` may be
+    lists (pipeline chunks and their optimizers)."""
     root = ckpt_root(run_dir)
     final, tmp = root / f"step-{step:08d}", root / f"step-{step:08d}.tmp"
     rank = dist.get_rank()
@@ -236,7 +335,7 @@ def save_checkpoint(run_dir, step: int, net, opt, train_state: dict, keep_last: 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    model_sd, optim_sd = get_state_dict(net, opt)
+    model_sd, optim_sd, _ = _train_state_dicts(net, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     dist.barrier()
     if rank == 0:
@@ -251,6 +350,15 @@ def save_checkpoint(run_dir, step: int, net, opt, train_state: dict, keep_last: 
     return final
 
 
+def _model_state_dict(net) -> tuple[dict, list]:
+    sd, per_part = {}, []
+    for part in _parts(net):
+        m = get_model_state_dict(part)
+        sd.update(m)
+        per_part.append(list(m))
+    return sd, per_part
+
+
 def save_model_weights(path: Path, net) -> None:
     """Weights and buffers only (no optimizer), e.g. a run's seeded starting point for init_from.
     (Asking DCP for an empty optimizer's state would run a zero-LR step to create it.)"""
@@ -258,7 +366,7 @@ def save_model_weights(path: Path, net) -> None:
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    dcp.save({"model": get_model_state_dict(net)}, checkpoint_id=str(tmp))
+    dcp.save({"model": _model_state_dict(net)[0]}, checkpoint_id=str(tmp))
     dist.barrier()
     if dist.get_rank() == 0:
         shutil.rmtree(path, ignore_errors=True)
@@ -267,18 +375,23 @@ def save_model_weights(path: Path, net) -> None:
 
 
 def load_checkpoint(path: Path, net, opt) -> dict:
-    model_sd, optim_sd = get_state_dict(net, opt)
+    """Resume: weights, optimizer and train state, from a checkpoint of any layout (DCP
+    reshards by name)."""
+    model_sd, optim_sd, per_part = _train_state_dicts(net, opt)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(net, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for part, o, (mkeys, okeys) in zip(_parts(net), _parts(opt), per_part):
+        set_state_dict(part, o, model_state_dict={k: state["model"][k] for k in mkeys},
+                       optim_state_dict={k: state["optim"][k] for k in okeys}, options=_FLAT)
     return json.loads((path / "train_state.json").read_text())
 
 
 def load_model_weights(path: Path, net) -> None:
     """Initialise from another stage's checkpoint: weights and buffers only (fresh optimizer)."""
-    sd = get_model_state_dict(net)
+    sd, per_part = _model_state_dict(net)
     dcp.load({"model": sd}, checkpoint_id=str(path))
-    set_model_state_dict(net, sd, options=StateDictOptions(strict=True))
+    for part, keys in zip(_parts(net), per_part):
+        set_model_state_dict(part, {k: sd[k] for k in keys}, options=StateDictOptions(strict=True))
 
 
 def resolve_init(cfg: DictConfig) -> Path | None:

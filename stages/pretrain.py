@@ -18,7 +18,6 @@ import hydra
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
-from torchtitan.distributed.utils import clip_grad_norm_
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import configs  # noqa: E402
@@ -38,10 +37,10 @@ def run(cfg: DictConfig) -> dict:
     torch.set_num_threads(max(1, cfg.hardware.cpus_per_task))
 
     # ---- model + parallelize (torchtitan) ----------------------------------------------
-    net, spec, pdims, flops_per_token = training.build_model(
+    parts, pipe, spec, pdims, flops_per_token = training.build_model_parts(
         cfg, world, bias_update_rate=stage.bias_update_rate, seed=cfg.seed)
-    opt = training.build_optimizer(net, o, spec, pdims)
-    cp = context_parallel.build(net, pdims)  # None unless parallelism.cp > 1
+    opts = [training.build_optimizer(part, o, spec, pdims) for part in parts]  # one per pipeline chunk
+    cp = context_parallel.build(parts[0], pdims)  # None unless parallelism.cp > 1
 
     # ---- data --------------------------------------------------------------------------
     batch_mesh = pdims.get_optional_mesh("batch")
@@ -56,17 +55,17 @@ def run(cfg: DictConfig) -> dict:
     state = {"step": 0, "samples": 0, "tokens": 0, "loss": float("nan")}
     latest = training.latest_checkpoint(run_dir)
     if latest is not None:
-        state = training.load_checkpoint(latest, net, opt)
+        state = training.load_checkpoint(latest, parts, opts)
         loader.load_state_dict(state["loader"])
         if rank == 0:
             print(f"[{stage.name}] resumed from {latest} at step {state['step']}", flush=True)
     else:
         if (init := training.resolve_init(cfg)) is not None:
-            training.load_model_weights(init, net)
+            training.load_model_weights(init, parts)
             if rank == 0:
                 print(f"[{stage.name}] initialised from {init}", flush=True)
         if cfg.checkpoint.save_initial:  # a world-size-independent starting point (see conf)
-            training.save_model_weights(run_dir / "initial", net)
+            training.save_model_weights(run_dir / "initial", parts)
 
     # ---- loop --------------------------------------------------------------------------
     log = training.MetricLog(cfg, rank, progress="tokens", total=b.tokens, start=state["tokens"])
@@ -79,38 +78,26 @@ def run(cfg: DictConfig) -> dict:
             break
         global_batch = training.global_batch_at(b, state["samples"])
         lr = training.lr_at(stage, o, b, state["tokens"])
-        for group in opt.param_groups:
+        for group in (g for opt in opts for g in opt.param_groups):
             group["lr"] = lr
 
         batch = loader.next_batch(global_batch)
-        n_micro = batch["input_ids"].shape[0] // micro
         # Normalise by the global number of targets: torchtitan's FSDP sums gradients over ranks.
         targets = training.loss_labels(batch["labels"], batch["positions"], cfg.model.num_mtp_layers)
         if cp is not None:  # this rank's head-tail chunks of every row; targets were built on full rows
             batch, targets = cp.shard(batch, targets, cfg.model.num_mtp_layers)
         n_targets = training.count_targets(targets)
-        dist.all_reduce(n_targets, group=loss_group)
-        training.set_aux_grad_scale(net, 1.0 / (n_micro * dp_size))
-        sums = torch.zeros(3)  # summed lm CE, summed mtp CE, aux loss (mean over micro-batches)
-        for i in range(n_micro):
-            rows = slice(i * micro, (i + 1) * micro)
-            tokens, positions = batch["input_ids"][rows].to(device), batch["positions"][rows].to(device)
-            masks = cp.masks(batch, rows, device) if cp is not None else net.get_attention_masks(positions)
-            preds = net(tokens, positions, masks)
-            ce = training.ce_sums(preds, [t[rows].to(device) for t in targets])
-            loss = ce[0] / n_targets[0]
-            if len(ce) > 1:
-                loss = loss + stage.mtp_scale * sum(ce[1:]) / n_targets[1].clamp(min=1)
-            loss.backward()
-            sums += torch.tensor([ce[0].item(), sum(c.item() for c in ce[1:]),
-                                  training.aux_loss_value(net) / n_micro])
-        grad_norm = clip_grad_norm_(net.parameters(), o.grad_clip, foreach=True,
-                                    pp_mesh=pdims.get_optional_mesh("pp"), ep_enabled=pdims.ep_enabled)
-        router = monitoring.router_stats(net)  # before step(): the bias hook resets the counts
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if loss_group is not None:  # data x context ranks (None: one data rank; pipeline stages share targets)
+            dist.all_reduce(n_targets, group=loss_group)
+        sums = training.train_step(parts, pipe, batch, targets, n_targets, micro=micro, cp=cp,
+                                   mtp_scale=stage.mtp_scale, dp_size=dp_size, device=device)
+        grad_norm = training.clip_grad_norm(parts, pipe, o.grad_clip, pdims)
+        # before step(): the bias hook resets the counts; pipeline stages report their own layers
+        router = monitoring.router_stats(parts[0] if pipe is None else parts, loss_group)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
-        dist.all_reduce(sums, group=loss_group)
         lm_v, mtp_v = (sums[:2] / n_targets.clamp(min=1)).tolist()
         aux_v = float(sums[2]) / (dp_size * pdims.cp)  # CP ranks each hold their rows' full aux loss
         loss_val = lm_v + stage.mtp_scale * mtp_v + aux_v
@@ -139,7 +126,7 @@ def run(cfg: DictConfig) -> dict:
         finished = state["tokens"] >= b.tokens
         if finished or state["step"] % cfg.checkpoint.every_steps == 0:
             state["loader"] = loader.state_dict()
-            training.save_checkpoint(run_dir, state["step"], net, opt, state, cfg.checkpoint.keep_last)
+            training.save_checkpoint(run_dir, state["step"], parts, opts, state, cfg.checkpoint.keep_last)
 
     log.close()
     summary = {"stage": stage.name, "step": state["step"], "tokens": state["tokens"],

@@ -91,8 +91,9 @@ def run(cfg: DictConfig) -> dict:
     torch.set_num_threads(max(1, cfg.hardware.cpus_per_task))
 
     # ---- model + parallelize (torchtitan) ----------------------------------------------
-    net, spec, pdims, _ = training.build_model(cfg, world, bias_update_rate=stage.bias_update_rate, seed=cfg.seed)
-    opt = training.build_optimizer(net, o, spec, pdims)
+    parts, pipe, spec, pdims, _ = training.build_model_parts(cfg, world, bias_update_rate=stage.bias_update_rate,
+                                                             seed=cfg.seed)
+    opts = [training.build_optimizer(part, o, spec, pdims) for part in parts]  # one per pipeline chunk
 
     # ---- data: every rank packs the same rows, then takes its data-parallel share -----------
     tok = tokmod.load_tokenizer(cfg.tokenizer_dir)
@@ -108,14 +109,14 @@ def run(cfg: DictConfig) -> dict:
     state = {"step": 0, "tokens": 0}
     latest = training.latest_checkpoint(run_dir)
     if latest is not None:
-        state = training.load_checkpoint(latest, net, opt)
+        state = training.load_checkpoint(latest, parts, opts)
         if rank == 0:
             print(f"[{stage.name}] resumed from {latest} at step {state['step']}", flush=True)
     else:
         init = training.resolve_init(cfg)
         if init is None:
             raise ValueError(f"stage/{stage.name}.yaml init_from is empty: SFT starts from a checkpoint")
-        training.load_model_weights(init, net)
+        training.load_model_weights(init, parts)
         if rank == 0:
             print(f"[{stage.name}] initialised from {init}", flush=True)
 
@@ -131,7 +132,7 @@ def run(cfg: DictConfig) -> dict:
         step = state["step"]
         warm = min(1.0, (step + 1) / max(1, b.warmup_steps))
         lr = peak * warm * (1.0 - (1.0 - stage.lr_end_factor) * step / max(1, total_steps - 1))
-        for group in opt.param_groups:
+        for group in (g for opt in opts for g in opt.param_groups):
             group["lr"] = lr
         # epoch e visits the rows in a seeded permutation; step -> its slice of that order
         epoch, k = divmod(step, steps_per_epoch)
@@ -140,26 +141,17 @@ def run(cfg: DictConfig) -> dict:
         batch_t = {key: v[idx] for key, v in rows.items()}
         targets = training.loss_labels(batch_t["labels"], batch_t["positions"], cfg.model.num_mtp_layers)
         n_targets = training.count_targets(targets)
-        dist.all_reduce(n_targets, group=loss_group)
-        n_micro = max(1, idx.numel() // micro)
-        training.set_aux_grad_scale(net, 1.0 / (n_micro * dp_size))
-        sums = torch.zeros(2)
-        for i in range(n_micro):
-            sl = slice(i * micro, (i + 1) * micro)
-            tokens, positions = batch_t["input_ids"][sl].to(device), batch_t["positions"][sl].to(device)
-            preds = net(tokens, positions, net.get_attention_masks(positions))
-            ce = training.ce_sums(preds, [t[sl].to(device) for t in targets])
-            loss = ce[0] / n_targets[0].clamp(min=1)
-            if len(ce) > 1:
-                loss = loss + stage.mtp_scale * sum(ce[1:]) / n_targets[1].clamp(min=1)
-            loss.backward()
-            sums += torch.tensor([ce[0].item(), sum(c.item() for c in ce[1:])])
-        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), o.grad_clip, foreach=True)
-        router = monitoring.router_stats(net)  # before step(): the bias hook resets the counts
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        dist.all_reduce(sums, group=loss_group)
-        lm_v, mtp_v = (sums / n_targets.clamp(min=1)).tolist()
+        if loss_group is not None:  # data x context ranks (None: one data rank; pipeline stages share targets)
+            dist.all_reduce(n_targets, group=loss_group)
+        sums = training.train_step(parts, pipe, batch_t, targets, n_targets, micro=micro,
+                                   mtp_scale=stage.mtp_scale, dp_size=dp_size, device=device)
+        grad_norm = training.clip_grad_norm(parts, pipe, o.grad_clip, pdims)
+        # before step(): the bias hook resets the counts; pipeline stages report their own layers
+        router = monitoring.router_stats(parts[0] if pipe is None else parts, loss_group)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        lm_v, mtp_v = (sums[:2] / n_targets.clamp(min=1)).tolist()
         loss_val = lm_v
         state["step"] += 1
         state["tokens"] += int(n_targets[0])
@@ -175,7 +167,7 @@ def run(cfg: DictConfig) -> dict:
         # ---- checkpoint ------------------------------------------------------------------
         finished = state["step"] >= total_steps
         if finished or state["step"] % cfg.checkpoint.every_steps == 0:
-            training.save_checkpoint(run_dir, state["step"], net, opt, state, cfg.checkpoint.keep_last)
+            training.save_checkpoint(run_dir, state["step"], parts, opts, state, cfg.checkpoint.keep_last)
 
     log.close()
     summary = {"stage": stage.name, "step": state["step"], "total_steps": total_steps, "final_loss": loss_val,

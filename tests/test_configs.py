@@ -15,18 +15,15 @@ def test_default_tiny_cpu_config_is_valid():
     assert errs(["parallelism=none"], world=1) == []
 
 
-def test_paper_config_on_1024_gpus_is_valid_without_mtp_under_pp():
+def test_paper_config_on_1024_gpus_is_valid():
     ov = ["model=axk1_519b", "optim=adamw", "hardware=h200_1024", "parallelism=axk1_pretrain"]
-    lines = errs(ov)
-    # torchtitan 0.3.0 cannot pipeline the MTP layer: the one line that says so is all that's left
-    assert len(lines) == 1 and "MTP" in lines[0], lines
-    assert errs(ov + ["model.num_mtp_layers=0"]) == []
+    assert errs(ov) == []  # PP 16 x EP 8 with the MTP layer on the last stage (pipeline.py)
 
 
 @pytest.mark.parametrize("overrides,world,needle", [
     (["parallelism=cpu_fsdp_ep", "parallelism.dp_shard=2"], 3, "does not equal world size 3"),
     (["parallelism=cpu_fsdp_ep"], 3, "ep=2: expected to divide dp_shard*cp=3"),
-    (["parallelism=none", "parallelism.pp=3", "model.num_mtp_layers=0"], 3, "does not split into 3 stages"),
+    (["parallelism=none", "parallelism.pp=7"], 7, "7 stages for model/tiny.yaml's 6 pipeline chunks"),
     (["parallelism=cpu_fsdp_ep", "parallelism.ep=2", "model.num_experts=15", "model.n_group=5"], 2,
      "expected to divide model.num_experts=15"),
     (["parallelism=none", "parallelism.cp=2", "hardware.attention=flex", "hardware.device=cuda",
@@ -101,20 +98,39 @@ def test_paper_layouts_validate_apart_from_mtp(hw, par, stage):
 
 
 def test_layouts_the_loops_cannot_run_are_refused_at_start_and_submission():
-    # The paper's PP 16 layouts validate (above) but this release's loops do not step a pipeline
-    # schedule: validate() and the launcher refuse them in one line. CP runs (context_parallel.py).
+    # The paper's PP 16 layout runs (pipeline.py), MTP included; stages that do not step a
+    # pipeline schedule refuse pp > 1 in one line.
     cfg = compose_cfg(overrides=["model=axk1_519b", "optim=adamw", "hardware=h200_1024",
-                                 "parallelism=axk1_pretrain", "model.num_mtp_layers=0"])
-    assert configs.errors(cfg) == []
-    assert configs.loop_errors(cfg) == [
-        "parallelism/axk1_pretrain.yaml pp=16: the training loops do not drive torchtitan's pipeline schedule "
-        "yet (README 'Known gaps'); use a pp=1 layout"]
-    with pytest.raises(configs.ConfigError, match="pipeline schedule"):
-        configs.validate(cfg)
+                                 "parallelism=axk1_pretrain"])
+    assert configs.errors(cfg) == [] and configs.loop_errors(cfg) == []
+    rl = compose_cfg("rl", overrides=["parallelism=cpu_pp"])
+    assert configs.loop_errors(rl) == [
+        "parallelism/cpu_pp.yaml pp=2: stage/rl.yaml (kind rl) runs without pipeline parallel (only pretrain "
+        "and sft stages step a schedule); use pp=1"]
     cp = compose_cfg(overrides=["model=axk1_519b", "optim=adamw", "hardware=h200_1536", "parallelism=axk1_16k",
                                 "stage=pretrain_s3_16k", "model.num_mtp_layers=0"])
-    assert not any("cp=" in line for line in configs.loop_errors(cp))
+    assert configs.loop_errors(cp) == [
+        "parallelism/axk1_16k.yaml pp=16 x cp=4: pipeline stages do not take context-parallel inputs yet "
+        "(README 'Known gaps'); use pp=1 with cp, or cp=1 with pp"]
+    assert configs.loop_errors(compose_cfg(overrides=["parallelism=cpu_cp_ep", "stage=pretrain_s3_16k"])) == []
     assert configs.loop_errors(compose_cfg(overrides=["parallelism=cpu_fsdp_ep"])) == []
+
+
+def test_pipeline_layouts_that_cannot_be_built_are_refused_in_one_line_each():
+    def errs_of(*ov):
+        return configs.errors(compose_cfg(overrides=["parallelism=cpu_pp", *ov]), 2)
+    assert errs_of() == []
+    assert errs_of("parallelism.pp_schedule=Interleaved1F1B", "parallelism.pp_stages_per_rank=2") == []
+    assert errs_of("parallelism.pp_schedule=Bogus") == [
+        "parallelism/cpu_pp.yaml pp_schedule=Bogus: not a torch.distributed.pipelining schedule "
+        "(expected e.g. 1F1B, GPipe, Interleaved1F1B)"]
+    assert errs_of("parallelism.pp_stages_per_rank=2") == [
+        "parallelism/cpu_pp.yaml pp_stages_per_rank=2: pp_schedule=1F1B runs one stage per rank; expected 1 "
+        "(or an interleaved schedule)"]
+    assert errs_of("parallelism.pp_schedule=Interleaved1F1B", "parallelism.pp_stages_per_rank=4") == [
+        "parallelism/cpu_pp.yaml pp=2 x pp_stages_per_rank=4: 8 stages for model/tiny.yaml's 6 pipeline chunks "
+        "(embedding, 4 layers, head + MTP); expected at most 6"]
+    assert len(errs_of("parallelism.pp_schedule=ZBVZeroBubble", "parallelism.pp_stages_per_rank=2")) == 1
 
 
 def test_fsdp_ep_layout_runs_the_paper_model_on_1024_gpus():
