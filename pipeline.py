@@ -273,6 +273,18 @@ class Pipeline:
             with torch.no_grad():
                 dist.broadcast(_local(self.shared_embedding), src=self.first_rank, group=self.emb_group)
 
+    def embedding_drift(self) -> float:
+        """Largest |last stage's copy - first stage's embedding| over all pipelines (0.0 when the
+        copies are in sync; a collective on every rank)."""
+        drift = torch.zeros(())
+        if self.shared_embedding is not None:
+            mine = _local(self.shared_embedding).detach()
+            theirs = mine.clone()
+            dist.broadcast(theirs, src=self.first_rank, group=self.emb_group)
+            drift = (theirs - mine).abs().max().float().cpu()
+        dist.all_reduce(drift, op=dist.ReduceOp.MAX)
+        return float(drift)
+
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """torchtitan's clip over the PP mesh, counting the shared embedding once (first stage)."""
         copy = self.shared_embedding if (self.shared_embedding is not None and not self.has_first) else None

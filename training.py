@@ -324,6 +324,42 @@ def _train_state_dicts(net, opt) -> tuple[dict, dict, list]:
     return model_sd, optim_sd, per_part
 
 
+def check_embedding_copy(pipe, stage_name: str) -> None:
+    """Before a checkpoint (it stores one embedding): the MTP embedding copy on the last stage
+    must equal the first stage's, else the run stops rather than save either."""
+    if pipe is None or pipe.emb_group is None:
+        return
+    drift = pipe.embedding_drift()
+    if drift != 0.0:
+        raise RuntimeError(f"[{stage_name}] the last stage's MTP embedding copy drifted from the first stage's "
+                           f"embedding (max |diff| {drift:.3g}); not saving a checkpoint")
+    if dist.get_rank() == 0:
+        print(f"[{stage_name}] MTP embedding copy equals the first stage's (max |diff| 0)", flush=True)
+
+
+def layout_of(cfg: DictConfig, world_size: int) -> dict:
+    """What a checkpoint records about the run that wrote it (compared on resume)."""
+    b, d = configs.budget(cfg), configs.mesh_degrees(cfg, world_size)
+    return {"world": world_size, "dp": d["dp"], "pp": d["pp"], "ep": d["ep"], "cp": d["cp"],
+            "pp_stages_per_rank": cfg.parallelism.pp_stages_per_rank,
+            "batch_schedule": [b.batch_start, b.batch_end, b.batch_increment, b.ramp_samples]}
+
+
+def resume_changes(saved: dict, now: dict, step: int) -> list[str]:
+    """Lines saying how the resumed run differs from the one that wrote the checkpoint (paper
+    3.4: the cluster grew from 1,024 to 1,536 GPUs and the batch from 16,384 to 18,432)."""
+    out = []
+    if saved and {k: v for k, v in saved.items() if k != "batch_schedule"} != \
+            {k: v for k, v in now.items() if k != "batch_schedule"}:
+        fmt = "world {world} (dp {dp} x pp {pp} x cp {cp}, ep {ep})"
+        out.append(f"layout changed at step {step}: {fmt.format(**saved)} -> {fmt.format(**now)}; "
+                   f"DCP resharded weights and optimizer state, the loader continues at its global sample")
+    if saved and saved.get("batch_schedule") != now["batch_schedule"]:
+        out.append(f"batch schedule changed at step {step}: [start, end, increment, ramp samples] "
+                   f"{saved.get('batch_schedule')} -> {now['batch_schedule']}")
+    return out
+
+
 def save_checkpoint(run_dir, step: int, net, opt, train_state: dict, keep_last: int) -> Path:
     """All ranks write into step-N.tmp; rank 0 renames it and then moves `latest`, so a crash
     mid-write leaves the previous checkpoint (and the pointer to it) untouched. `net`/`opt` may be

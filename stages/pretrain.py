@@ -53,12 +53,15 @@ def run(cfg: DictConfig) -> dict:
 
     # ---- resume, or start from the previous stage ----------------------------------------
     state = {"step": 0, "samples": 0, "tokens": 0, "loss": float("nan")}
+    layout = training.layout_of(cfg, world)  # recorded in checkpoints; a resume reports changes
     latest = training.latest_checkpoint(run_dir)
     if latest is not None:
         state = training.load_checkpoint(latest, parts, opts)
         loader.load_state_dict(state["loader"])
         if rank == 0:
             print(f"[{stage.name}] resumed from {latest} at step {state['step']}", flush=True)
+            for line in training.resume_changes(state.get("layout", {}), layout, state["step"] + 1):
+                print(f"[{stage.name}] {line}", flush=True)
     else:
         if (init := training.resolve_init(cfg)) is not None:
             training.load_model_weights(init, parts)
@@ -125,7 +128,8 @@ def run(cfg: DictConfig) -> dict:
         # ---- checkpoint ------------------------------------------------------------------
         finished = state["tokens"] >= b.tokens
         if finished or state["step"] % cfg.checkpoint.every_steps == 0:
-            state["loader"] = loader.state_dict()
+            state["loader"], state["layout"] = loader.state_dict(), layout
+            training.check_embedding_copy(pipe, stage.name)
             training.save_checkpoint(run_dir, state["step"], parts, opts, state, cfg.checkpoint.keep_last)
 
     log.close()
