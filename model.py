@@ -171,14 +171,22 @@ class AXK1Model(DeepSeekV3Model):
             # torchtitan's MTPDecoder refuses CP because its forward rolls the MTP inputs over the
             # local tokens; the kit's CP rolls them over the full row before sharding (see
             # forward below and context_parallel.py), so torchtitan's checks run as for cp=1.
+            # It refuses PP too: the kit runs MTP on the last pipeline stage (pipeline.py).
             p = config.parallelism
-            if p.context_parallel_degree > 1:
+            if p.context_parallel_degree > 1 or p.pipeline_parallel_degree > 1:
                 runtime = copy.copy(config)
-                runtime.parallelism = dataclasses.replace(p, context_parallel_degree=1)
+                runtime.parallelism = dataclasses.replace(p, context_parallel_degree=1, pipeline_parallel_degree=1)
                 config = runtime
             DeepSeekV3Model.Config.update_from_config(self, config=config, **kwargs)
 
-    def forward(self, tokens, positions=None, attention_masks=None):
+    # Set on each pipeline stage's chunk by pipeline.build_pipeline: True on the first stage (its
+    # input is token ids), False on the others (the previous stage's hidden state). None: the
+    # whole model.
+    pipeline_first: bool | None = None
+
+    def forward(self, tokens, positions=None, attention_masks=None, input_ids=None):
+        if self.pipeline_first is not None:
+            return self._stage_forward(tokens, positions, input_ids)
         if not (isinstance(attention_masks, context_parallel.CPMasks) and self.mtp_layers is not None):
             return super().forward(tokens, positions, attention_masks)
         # Under CP: MTPDecoder.forward, with each depth's shifted tokens taken from the CP masks
@@ -191,16 +199,6 @@ class AXK1Model(DeepSeekV3Model):
             prev = layer(self.tok_embeddings(shifted), prev, valid, attention_masks, positions)
             outputs.append(prev)
         return [self.lm_head(o) for o in outputs]
-
-    # Set on each pipeline stage's chunk by pipeline.build_pipeline: True on the first stage (its
-    # input is token ids), False on the others (the previous stage's hidden state). None: the
-    # whole model, which runs torchtitan's forward unchanged.
-    pipeline_first: bool | None = None
-
-    def forward(self, tokens, positions=None, attention_masks=None, input_ids=None):
-        if self.pipeline_first is None:
-            return super().forward(tokens, positions, attention_masks)
-        return self._stage_forward(tokens, positions, input_ids)
 
     def _stage_forward(self, x, positions, input_ids):
         """One pipeline stage: the modules the split left on this chunk (the others are None or

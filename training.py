@@ -7,7 +7,6 @@ stage it serves.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -111,9 +110,7 @@ def build_model_parts(cfg: DictConfig, world_size: int, *, bias_update_rate: flo
 
     class _RuntimeConfig:  # the one field torchtitan's update_from_config reads off a non-Trainer config
         pass
-    # torchtitan 0.3.0's MTP config refuses pipeline parallel (models/deepseek_v3/mtp.py); the
-    # kit runs MTP on the last stage itself (pipeline.py), so the model config is sized as pp=1.
-    _RuntimeConfig.parallelism = dataclasses.replace(parallelism, pipeline_parallel_degree=1)
+    _RuntimeConfig.parallelism = parallelism
     spec.model.update_from_config(config=_RuntimeConfig())
 
     parallel_dims = ParallelDims.from_config(parallelism, world_size)
