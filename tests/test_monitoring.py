@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from conftest import ROOT, compose_cfg
 
@@ -224,3 +225,27 @@ def test_make_report_writes_markdown_and_png_into_the_run(stage_runs):
     md = (run / "report.md").read_text()
     assert "![curves](report.png)" in md and "| lm_loss |" in md and "| expert_imbalance |" in md
     assert (run / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_router_stats_per_layer_load_zero_experts_and_bias_norm():
+    import generate
+
+    net = generate.build_inference_model(compose_cfg("pretrain").model)
+    moes = {n: b.moe for n, b in net.layers.items() if getattr(b, "moe_enabled", False)}
+    names = list(moes)
+    E = moes[names[0]].tokens_per_expert_E.numel()
+    with torch.no_grad():
+        for k, (name, moe) in enumerate(moes.items()):
+            counts = torch.full((E,), 4.0)
+            counts[0] = 4.0 * (k + 2)  # layer k: the busiest expert has k + 2 times the others' load...
+            counts[1:1 + k] = 0.0      # ...and k experts got nothing
+            moe.tokens_per_expert_E.copy_(counts)
+            moe.expert_bias_E.fill_(0.5 * (k + 1))
+    st = monitoring.router_stats(net)  # no process group: one rank's counts
+    for k, name in enumerate(names):
+        total = 4.0 * (k + 2) + 4.0 * (E - 1 - k)
+        assert st["router_max_load"][name] == pytest.approx(4.0 * (k + 2) / (total / E))
+        assert st["router_zero_load"][name] == k
+        assert st["router_bias_norm"][name] == pytest.approx(0.5 * (k + 1) * E ** 0.5)
+    assert st["expert_imbalance"] == pytest.approx(max(st["router_max_load"].values()))
+    assert st["router_zero_load_experts"] == sum(range(len(names)))
