@@ -111,3 +111,17 @@ data: setup
 .PHONY: plan
 plan: setup
 	$(PYTHON) stages/plan.py $(ARGS)
+
+# Hugging Face interop (issue 10): kit DCP checkpoint <-> the released AXK1ForCausalLM layout.
+# CKPT: a DCP checkpoint, a run directory or a stage name (default: the last finished stage of the
+# smoke chain); OUT defaults to runs/<model>/hf/<stage>. HF/OUT for import are required.
+CKPT ?=
+OUT  ?=
+HF   ?=
+.PHONY: export import
+
+export: setup
+	$(PYTHON) stages/export.py model=$(MODEL) $(if $(CKPT),ckpt=$(CKPT)) $(if $(OUT),out=$(OUT)) $(ARGS)
+
+import: setup
+	$(PYTHON) stages/import_hf.py model=$(MODEL) hf=$(HF) out=$(OUT) $(ARGS)

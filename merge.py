@@ -118,8 +118,9 @@ def file_hash(ckpt: Path) -> str:
     return h.hexdigest()
 
 
-class _MergePlanner(DefaultSavePlanner):
-    """Plans the output from meta tensors; produces each tensor's data only when DCP writes it."""
+class LazySavePlanner(DefaultSavePlanner):
+    """Plans the output from meta tensors; produces each tensor's data only when DCP writes it
+    (also hf_io.import_hf's writer)."""
 
     def __init__(self, produce):
         super().__init__()
@@ -161,7 +162,7 @@ def merge_checkpoints(reasoning: Path, instruct: Path, out: Path, alpha: float, 
     try:
         # thread_count=1 and no copy-ahead: DCP's serial loader resolves (= merges) one tensor at a time.
         dcp.save(plan, storage_writer=FileSystemWriter(str(tmp), thread_count=1, per_thread_copy_ahead=0),
-                 planner=_MergePlanner(produce))
+                 planner=LazySavePlanner(produce))
         bar.close()
         manifest = {
             "formula": "theta = alpha * theta_reasoning + (1 - alpha) * theta_instruct (paper 4.3, Eq. 1)",

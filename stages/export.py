@@ -1,0 +1,59 @@
+"""Export a kit checkpoint to the released Hugging Face layout (issue 10): config -> checkpoint -> write.
+
+    python stages/export.py                          # last finished stage of the smoke chain -> runs/<model>/hf/<stage>
+    python stages/export.py ckpt=rl out=/tmp/axk1-hf dtype=float32
+    make export CKPT=runs/tiny/rl/checkpoints/step-00000040 OUT=/tmp/axk1-hf
+
+The folder loads with transformers' AutoModelForCausalLM / AXK1ForCausalLM and vLLM's AXK1
+(`make serve`). Streaming, no process group: see hf_io's docstring for the memory bound.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import hf_io  # noqa: E402
+import training  # noqa: E402
+
+
+def resolve_checkpoint(cfg: DictConfig) -> tuple[Path, str]:
+    """(checkpoint dir, name): `ckpt` as a path or stage name, else the first finished stage of `stages`."""
+    names = [cfg.ckpt] if cfg.ckpt else list(cfg.stages)
+    for name in names:
+        p = Path(str(name))
+        if (p / ".metadata").exists():
+            return p, p.name
+        run = Path(cfg.paths.runs) / cfg.model.name / str(name)
+        if (run / "DONE.json").exists() and training.latest_checkpoint(run) is not None:
+            return training.latest_checkpoint(run), str(name)
+        if p.is_dir() and training.latest_checkpoint(p) is not None:  # a run directory
+            return training.latest_checkpoint(p), p.name
+    where = f"ckpt={cfg.ckpt}" if cfg.ckpt else f"none of stages={list(cfg.stages)} has finished"
+    raise FileNotFoundError(f"conf/export.yaml {where}: no DCP checkpoint under {cfg.paths.runs}/{cfg.model.name}")
+
+
+def run(cfg: DictConfig) -> dict:
+    ckpt, name = resolve_checkpoint(cfg)
+    out = Path(cfg.out) if cfg.out else Path(cfg.paths.runs) / cfg.model.name / "hf" / name
+    print(f"[export] {ckpt} -> {out} ({cfg.dtype})", flush=True)
+    stats = hf_io.export_hf(ckpt, out, cfg.model, cfg.tokenizer_dir, dtype=cfg.dtype,
+                            max_shard_bytes=int(float(cfg.max_shard_gib) * 2**30))
+    return {"checkpoint": str(ckpt), **stats}
+
+
+@hydra.main(config_path="../conf", config_name="export", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        print(json.dumps(run(cfg)), flush=True)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"[export] {e}")
+
+
+if __name__ == "__main__":
+    main()
