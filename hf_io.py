@@ -45,6 +45,7 @@ from torchtitan.models.deepseek_v3.state_dict_adapter import DeepSeekV3StateDict
 import merge
 import model as axk1
 import tokenizer as tokmod
+from progress import progress
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 warnings.filterwarnings("ignore", message=".*process group is not initialized.*")
@@ -278,7 +279,7 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, model_cfg: DictConfig, 
 
     shards = _shards(hf_plan(m), want, max_shard_bytes)
     weight_map, total, peak = {}, 0, 0
-    for i, shard in enumerate(shards):
+    for i, shard in progress(list(enumerate(shards)), desc="[export] safetensors shards", unit="shard"):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         tensors, held = {}, 0
         by_key: dict[str | None, list[Entry]] = {}
@@ -380,7 +381,10 @@ def import_hf(hf_dir: str | Path, out_ckpt: str | Path, model_cfg: DictConfig) -
         if not torch.equal(src.get(a.hf), src.get(main)):
             raise HFError(f"{hf_dir}: tensor {a.hf} differs from {main}; the kit's MTP layer shares it")
 
+    bar = progress(total=len(shapes), desc="[import] tensors", unit="tensor")
+
     def fetch(key: str) -> torch.Tensor:
+        bar.update()
         entries = by_key[key]
         if entries[0].expert is None:
             return src.get(entries[0].hf).float()
@@ -394,6 +398,7 @@ def import_hf(hf_dir: str | Path, out_ckpt: str | Path, model_cfg: DictConfig) -
     writer = dcp.FileSystemWriter(str(tmp), single_file_per_rank=False, thread_count=1, per_thread_copy_ahead=0)
     try:
         dcp.save(plan_sd, storage_writer=writer, planner=merge.LazySavePlanner(fetch))
+        bar.close()
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         ours = [f for f in getattr(e, "failures", {}).values() if isinstance(f, HFError)]  # DCP wraps it
