@@ -100,6 +100,12 @@ def fmt_duration(secs: float) -> str:
 # ----------------------------------------------------------------------------------------
 # Memory: peak allocated/reserved per step on CUDA (torchtitan's DeviceMemoryMonitor), RSS on CPU.
 # ----------------------------------------------------------------------------------------
+# torchtitan DeviceMemStats field -> our record key ("active" bytes: allocated and not yet freed)
+CUDA_FIELDS = {"max_active_gib": "mem_peak_active_gib", "max_reserved_gib": "mem_peak_reserved_gib",
+               "max_reserved_pct": "mem_peak_reserved_pct", "num_alloc_retries": "mem_alloc_retries",
+               "num_ooms": "mem_ooms"}
+
+
 class MemoryProbe:
     def __init__(self, device: str):
         self.cuda = device == "cuda"
@@ -110,10 +116,9 @@ class MemoryProbe:
     def read(self) -> dict[str, float]:
         """This step's figures, the maximum over ranks (every rank calls this: a collective)."""
         if self.cuda:
-            s = self.monitor.get_peak_stats()
+            s = self.monitor.get_peak_stats()._asdict()
             self.monitor.reset_peak_stats()  # the next read is the next step's peak
-            vals = [s.max_active_gib, s.max_reserved_gib, s.max_reserved_pct, s.num_alloc_retries, s.num_ooms]
-            keys = ["mem_peak_active_gib", "mem_peak_reserved_gib", "mem_peak_reserved_pct", "mem_alloc_retries", "mem_ooms"]
+            vals, keys = [s[f] for f in CUDA_FIELDS], list(CUDA_FIELDS.values())
             dev = torch.device("cuda", torch.cuda.current_device())
         else:
             with open("/proc/self/statm") as f:

@@ -249,3 +249,13 @@ def test_router_stats_per_layer_load_zero_experts_and_bias_norm():
         assert st["router_bias_norm"][name] == pytest.approx(0.5 * (k + 1) * E ** 0.5)
     assert st["expert_imbalance"] == pytest.approx(max(st["router_max_load"].values()))
     assert st["router_zero_load_experts"] == sum(range(len(names)))
+
+
+def test_cuda_memory_fields_exist_in_torchtitans_monitor():
+    """The CUDA path needs a GPU; what can be checked here: the DeviceMemStats fields it reads
+    exist in this torchtitan, and the console shows the reserved peak from them."""
+    from torchtitan.components.metrics import DeviceMemStats
+
+    assert set(monitoring.CUDA_FIELDS) <= set(DeviceMemStats._fields)
+    rec = dict(zip(monitoring.CUDA_FIELDS.values(), [50.0, 61.2, 43.8, 0, 0]))
+    assert monitoring.MemoryProbe.headline(rec) == "mem 61.20GiB (44%)"
