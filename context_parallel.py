@@ -99,17 +99,43 @@ class ContextParallel:
         return local, [t[:, idx] for t in targets]
 
     def masks(self, local: dict, rows: slice, device: torch.device) -> CPMasks:
-        q_index = local["q_index"].to(device)
-        doc = local["doc_ids"][rows].to(device)
-        L = doc.shape[1]
-        gathered = torch.cat([headtail_index(L, self.size, r) for r in range(self.size)])
-        kv_order = torch.argsort(gathered).to(device)
-        if self.flex:
-            kernel = flex_block_mask(q_index, doc, self.flex_block_size)
-        else:
-            kernel = kernels.additive_mask(dense_mask(q_index, doc))  # as get_attention_masks: once per forward
         mtp = [(t[rows].to(device), v[rows].to(device)) for t, v in local["mtp_inputs"]]
-        return CPMasks(kernel=kernel, kv_order=kv_order, mtp_inputs=mtp)
+        return build_masks(local["q_index"].to(device), local["doc_ids"][rows].to(device), mtp,
+                           flex=self.flex, block_size=self.flex_block_size)
+
+
+def build_masks(q_index: torch.Tensor, doc: torch.Tensor, mtp_inputs: list, *, flex: bool, block_size) -> CPMasks:
+    L = doc.shape[1]
+    cp = L // q_index.numel()
+    gathered = torch.cat([headtail_index(L, cp, r) for r in range(cp)])  # the all-gather's token order
+    kv_order = torch.argsort(gathered).to(doc.device)
+    if flex:
+        kernel = flex_block_mask(q_index, doc, block_size)
+    else:
+        kernel = kernels.additive_mask(dense_mask(q_index, doc))  # as get_attention_masks: once per forward
+    return CPMasks(kernel=kernel, kv_order=kv_order, mtp_inputs=mtp_inputs)
+
+
+# Pipeline stages build their masks per micro-batch from tensors the schedule hands them (it splits
+# tensor kwargs along the rows), so under PP x CP the CP inputs travel as row-major kwargs.
+def stage_inputs(local: dict, device: torch.device) -> dict:
+    """A CP-sharded batch's extra kwargs for pipeline stages ({} for an unsharded batch)."""
+    if "doc_ids" not in local:
+        return {}
+    B = local["doc_ids"].shape[0]
+    out = {"cp_doc_ids": local["doc_ids"], "cp_q_index": local["q_index"].expand(B, -1).contiguous()}
+    if local["mtp_inputs"]:
+        out["cp_mtp_tokens"] = torch.stack([t for t, _ in local["mtp_inputs"]], dim=1)
+        out["cp_mtp_valid"] = torch.stack([v for _, v in local["mtp_inputs"]], dim=1)
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def stage_masks(model: torch.nn.Module, cp_doc_ids, cp_q_index, cp_mtp_tokens=None, cp_mtp_valid=None) -> CPMasks:
+    """CPMasks for one micro-batch on a pipeline stage, from `stage_inputs`' tensors."""
+    inner = model.config.first_attention.inner_attention
+    flex = isinstance(inner, FlexAttention.Config)
+    mtp = [] if cp_mtp_tokens is None else list(zip(cp_mtp_tokens.unbind(1), cp_mtp_valid.unbind(1)))
+    return build_masks(cp_q_index[0], cp_doc_ids, mtp, flex=flex, block_size=inner.block_size if flex else None)
 
 
 def dense_mask(q_index: torch.Tensor, doc: torch.Tensor) -> torch.Tensor:

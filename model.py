@@ -184,9 +184,9 @@ class AXK1Model(DeepSeekV3Model):
     # whole model.
     pipeline_first: bool | None = None
 
-    def forward(self, tokens, positions=None, attention_masks=None, input_ids=None):
+    def forward(self, tokens, positions=None, attention_masks=None, input_ids=None, **cp_inputs):
         if self.pipeline_first is not None:
-            return self._stage_forward(tokens, positions, input_ids)
+            return self._stage_forward(tokens, positions, input_ids, cp_inputs)
         if not (isinstance(attention_masks, context_parallel.CPMasks) and self.mtp_layers is not None):
             return super().forward(tokens, positions, attention_masks)
         # Under CP: MTPDecoder.forward, with each depth's shifted tokens taken from the CP masks
@@ -200,12 +200,13 @@ class AXK1Model(DeepSeekV3Model):
             outputs.append(prev)
         return [self.lm_head(o) for o in outputs]
 
-    def _stage_forward(self, x, positions, input_ids):
+    def _stage_forward(self, x, positions, input_ids, cp_inputs: dict):
         """One pipeline stage: the modules the split left on this chunk (the others are None or
-        empty). Masks are built per micro-batch from positions (the schedule splits tensors only);
-        the last stage runs the head and the MTP layers, embedding the shifted token ids with its
-        copy of the embedding (see pipeline.py)."""
-        masks = self.get_attention_masks(positions)
+        empty). Masks are built per micro-batch from positions (the schedule splits tensors only),
+        under CP from context_parallel.stage_inputs' tensors; the last stage runs the head and the
+        MTP layers, embedding the shifted token ids with its copy of the embedding (see pipeline.py)."""
+        cp = bool(cp_inputs)
+        masks = context_parallel.stage_masks(self, **cp_inputs) if cp else self.get_attention_masks(positions)
         h = self.tok_embeddings(x) if self.pipeline_first else x
         for layer in self.layers.values():
             h = layer(h, masks, positions)
@@ -213,8 +214,8 @@ class AXK1Model(DeepSeekV3Model):
             return h
         outputs = [self.lm_head(self.norm(h))]
         for depth, layer in enumerate(self.mtp_layers or [], 1):
-            ids, valid = roll_mtp_sequence(input_ids, shift=depth, fill_value=0, positions=positions,
-                                           return_valid_mask=True)
+            ids, valid = masks.mtp_inputs[depth - 1] if cp else roll_mtp_sequence(
+                input_ids, shift=depth, fill_value=0, positions=positions, return_valid_mask=True)
             h = layer(self.tok_embeddings(ids), h, valid, masks, positions)
             outputs.append(self.lm_head(h))
         return outputs if len(outputs) > 1 else outputs[0]

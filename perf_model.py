@@ -270,9 +270,10 @@ def step_time(m: DictConfig, hw: DictConfig, p: DictConfig, *, seq_len: int, glo
     moe_p = moe_layer_params(m)
     rank_params = sum(n for _, n in [(0, 0)]) + moe[slow] * (moe_p["dense"] + moe_p["routed"] / ep)
     dp_s = rank_params * (2 + 4) * (dp - 1) / dp / (hw.inter_node_gbps * 1e9) if dp > 1 else 0.0
-    kv_per_token = m.n_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim) * 2  # bf16 K, V
+    # The kit's CP all-gathers MLA's compressed latent (context_parallel.py), not per-head K/V
+    latent_per_token = (m.kv_lora_rank + m.qk_rope_head_dim) * 2  # bf16
     layers_slow = sum(1 for st in ranks[slow] for f, _ in st if f > 0)
-    cp_bytes = 2 * n_micro * layers_slow * seq_len * (cp - 1) / cp * kv_per_token if cp > 1 else 0.0
+    cp_bytes = 2 * n_micro * layers_slow * seq_len * (cp - 1) / cp * latent_per_token if cp > 1 else 0.0
     cp_s = cp_bytes / (hw.inter_node_gbps * 1e9) if cp > 1 else 0.0
 
     flops_gpu = train_flops_per_token(m, seq_len) * global_batch * seq_len / world

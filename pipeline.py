@@ -32,6 +32,7 @@ from torch.distributed.pipelining.schedules import (
 from torchtitan.config import CompileConfig
 from torchtitan.distributed.utils import clip_grad_norm_
 
+import context_parallel
 import model as axk1
 
 HEAD = ("norm", "lm_head")  # the last stage's fixed modules; MTP layers join them
@@ -254,7 +255,8 @@ class Pipeline:
         args = (batch["input_ids"].to(device),) if self.has_first else ()
         # token ids go to every stage (the last embeds the shifted ones for MTP), positions too
         # (each stage builds its attention mask); the schedule splits them into micro-batches
-        kwargs = {"positions": batch["positions"].to(device), "input_ids": batch["input_ids"].to(device)}
+        kwargs = {"positions": batch["positions"].to(device), "input_ids": batch["input_ids"].to(device),
+                  **context_parallel.stage_inputs(batch, device)}  # CP: mask inputs per row ({} without CP)
         target = torch.stack(targets, dim=1).to(device) if self.has_last else None
         schedule.step(*args, target=target, return_outputs=False, **kwargs)
         self.sync_embedding_grads()

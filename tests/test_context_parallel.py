@@ -112,18 +112,23 @@ def test_cp_layouts_validate_with_mtp_and_sdpa():
     assert configs.errors(cfg, 2) == [] and configs.loop_errors(cfg) == []
     bad = compose_cfg(overrides=["parallelism=cpu_cp_ep", "stage=pretrain_s3_16k", "hardware.attention=varlen"])
     assert any("cp=2: context parallel runs with hardware.attention=sdpa or flex" in e for e in configs.errors(bad, 2))
+    sft = compose_cfg("sft", overrides=["parallelism=cpu_cp_ep"])
+    assert configs.loop_errors(sft) == [
+        "parallelism/cpu_cp_ep.yaml cp=2: stage/sft_instruct.yaml (kind sft) does not shard sequences for context "
+        "parallel (only pretrain stages do); use cp=1"]
 
 
-# 8 steps of 8 rows x 256 tokens (4 chunks of 64, two per rank) of the long-context data (several
-# documents per row); stage 1's settings (MTP scale 0.3, router-bias update 1e-3, aux loss 1e-4) so
-# every term of the loss and the bias hook are on.
-CP_RUN = ["stage.data_stage=pretrain_s3", "stage.budget.tiny.seq_len=256", "stage.budget.tiny.tokens=16384",
-          "stage.budget.tiny.batch_start=8",
-          "stage.budget.tiny.batch_end=8", "stage.budget.tiny.batch_increment=0", "log_every=4"]
+# 6 steps of 8 rows x 256 tokens (4 chunks of 64, two per CP rank) of the long-context data
+# (several documents per row); stage 1's settings (MTP scale 0.3, router-bias update 1e-3, aux loss
+# 1e-4) so every term of the loss and the bias hook are on.
+CP_RUN = ["stage.data_stage=pretrain_s3", "stage.budget.tiny.seq_len=256", "stage.budget.tiny.tokens=12288",
+          "stage.budget.tiny.batch_start=8", "stage.budget.tiny.batch_end=8", "stage.budget.tiny.batch_increment=0",
+          "log_every=3"]
 
 
-@pytest.mark.slow
-def test_cp2_ep2_matches_one_rank(tmp_path, tiny_data):
+@pytest.fixture(scope="module")
+def cp_reference(tmp_path_factory, tiny_data):
+    """One process on the full rows; its saved start is what every CP run loads."""
     import data
 
     cfg = compose_cfg(overrides=CP_RUN + [f"data.root={tiny_data}"])
@@ -135,17 +140,26 @@ def test_cp2_ep2_matches_one_rank(tmp_path, tiny_data):
     multi = (pos[:, 1:] == 0).any(dim=1)  # rows holding more than one document
     crossing = (pos[:, [64, 128, 192]] != 0).any(dim=1)  # a document runs across a chunk border
     assert int((multi & crossing).sum()) >= 2, pos
-
-    one, two = tmp_path / "one", tmp_path / "two"
+    one = tmp_path_factory.mktemp("cp_one")
     run(one, 1, CP_RUN + ["parallelism=none", "checkpoint.save_initial=true"], free_port())
-    init = one / "tiny/pretrain_s1/initial"
-    out = run(two, 2, CP_RUN + ["parallelism=cpu_cp_ep", f"stage.init_from={init}"], free_port())
-    assert "  cp: 2\n" in (two / "tiny/pretrain_s1/config.yaml").read_text()
-    a, b = losses(one), losses(two)
-    assert sorted(a) == sorted(b) == list(range(1, 9)), out[-2000:]
+    return one
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc,layout", [
+    (2, ["parallelism=cpu_cp_ep"]),                                             # CP 2 x EP 2
+    (4, ["parallelism=cpu_pp", "parallelism.cp=2", "parallelism.ep=2"]),        # PP 2 x CP 2 x EP 2
+], ids=["cp2_ep2", "pp2_cp2_ep2"])
+def test_cp_matches_one_rank(tmp_path, cp_reference, nproc, layout):
+    init = cp_reference / "tiny/pretrain_s1/initial"
+    out = run(tmp_path, nproc, CP_RUN + layout + [f"stage.init_from={init}"], free_port())
+    assert "  cp: 2\n" in (tmp_path / "tiny/pretrain_s1/config.yaml").read_text()
+    a, b = losses(cp_reference), losses(tmp_path)
+    assert sorted(a) == sorted(b) == list(range(1, 7)), out[-2000:]
     # Same data, start and maths; CP changes the reduction order (attention over gathered keys,
-    # gradients summed over the two ranks) and EP the expert layout. Measured: every step within
-    # 2e-6 (losses ~10.5-10.8). Tolerance 1e-4 per step: a key a query should not see, a target
-    # lost at a chunk border or a wrong loss normalisation moves step 1 or 2 by more than that.
+    # gradients summed over the CP ranks), EP the expert layout, PP the micro-batch split.
+    # Measured: CP 2 x EP 2 every step within 2e-6, PP 2 x CP 2 x EP 2 within 2e-6 (losses
+    # ~10.2-10.9). Tolerance 1e-4 per step: a key a query should not see, a target lost at a chunk
+    # border or a wrong loss normalisation moves step 1 or 2 by more than that.
     diffs = [abs(a[s] - b[s]) for s in a]
     assert max(diffs) < 1e-4, list(zip(a.values(), b.values()))
