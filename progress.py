@@ -45,7 +45,8 @@ class Progress:
     def line(self) -> str:
         """The plain-log line for the progress so far."""
         fmt = (_LINE if self.total else _LINE_NO_TOTAL) % ("" if self.scale else " ")  # 9.00MB, 5/9 docs
-        return tqdm.format_meter(self.n, self.total, time.perf_counter() - self.t0, prefix=self.desc,
+        total = max(self.total, self.n) if self.total else None  # a budget the stream overshot is done
+        return tqdm.format_meter(self.n, total, time.perf_counter() - self.t0, prefix=self.desc,
                                  unit=self.unit, unit_scale=self.scale, bar_format=fmt)
 
     def close(self) -> None:
