@@ -107,10 +107,16 @@ data: setup
 	$(PYTHON) stages/curate.py data=$(DATA) $(ARGS)
 
 # Production plan (paper 2.2, 2.3, 3.3-3.5): the scaling-law planner + the time model against
-# Table 2 (conf/plan.yaml).
-.PHONY: plan
+# Table 2 (conf/plan.yaml), and a one-process dry run of a layout's memory and step time on
+# torch's fake process group (make dryrun MODEL=axk1_519b HARDWARE=h200_1536 PARALLEL=axk1_pretrain).
+.PHONY: plan dryrun
+STAGE ?= pretrain_s1
 plan: setup
 	$(PYTHON) stages/plan.py $(ARGS)
+
+dryrun: setup
+	$(PYTHON) stages/dryrun.py stage=$(STAGE) $(STAGE_ARGS) hydra.run.dir=. hydra.output_subdir=null \
+	  hydra/job_logging=disabled hydra/hydra_logging=disabled
 
 # Hugging Face interop (issue 10): kit DCP checkpoint <-> the released AXK1ForCausalLM layout.
 # CKPT: a DCP checkpoint, a run directory or a stage name (default: the last finished stage of the

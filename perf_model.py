@@ -42,7 +42,8 @@ def expert_params(m: DictConfig) -> int:
 def moe_layer_params(m: DictConfig) -> dict:
     """Parameters of one MoE block: routed experts apart (they are the EP-sharded part)."""
     attn = attention_params(m) + 2 * m.dim  # + attention_norm, ffn_norm
-    dense_part = attn + m.dim * m.num_experts + m.num_shared_experts * expert_params(m) + m.dim  # router, shared, post norm
+    # + router gate, shared experts, post-MoE norm
+    dense_part = attn + m.dim * m.num_experts + m.num_shared_experts * expert_params(m) + m.dim
     return {"dense": dense_part, "routed": m.num_experts * expert_params(m),
             "routed_active": m.top_k * expert_params(m)}
 
@@ -170,51 +171,16 @@ def ep_bytes_per_token_layer(m: DictConfig, hw: DictConfig, ep: int) -> tuple[fl
     return 2 * per_copy * (local_node_copies + fanout), 2 * per_copy * distinct_remote
 
 
-def stage_fqns(m: DictConfig, p: DictConfig, seq_len: int | None = None) -> list[list[str]]:
-    """Module names of each pipeline (virtual) stage: parallelism.module_fqns_per_model_part when
-    the layout sets it, else torchtitan's own split (what pipeline_llm does with the same fields)."""
-    if p.get("module_fqns_per_model_part"):
-        return [list(s) for s in p.module_fqns_per_model_part]
+def stage_fqns(m: DictConfig, p: DictConfig, seq_len: int) -> list[list[str]]:
+    """Module names of each pipeline (virtual) stage: the trainer's own split (pipeline.stage_split,
+    balanced by FLOPs and parameters; the LM head + MTP, ~5.6 MoE layers of FLOPs, sit on the last
+    stage)."""
     n_stages = p.pp * (p.get("pp_stages_per_rank", 1) or 1)
-    if p.get("pp_split") == "balanced":
-        return balanced_split(m, seq_len or 4096, n_stages)
-    from torchtitan.distributed.pipeline_parallel import _generate_llm_fqn_per_model_part
-
     if n_stages == 1:
         return [["tok_embeddings"] + [f"layers.{i}" for i in range(m.n_layers)] + ["norm", "lm_head"]]
-    return _generate_llm_fqn_per_model_part(n_stages, m.n_layers, p.get("pp_first_stage_less_layers", 1),
-                                            p.get("pp_last_stage_less_layers", 1))
+    import pipeline  # the trainer's split (pipeline imports model; keep perf_model import-light)
 
-
-def balanced_split(m: DictConfig, seq_len: int, n_stages: int) -> list[list[str]]:
-    """Contiguous layer split minimising the heaviest stage's forward FLOPs, with the LM head and
-    MTP (together ~5.6 MoE layers of FLOPs on A.X K1) on the last stage and the embedding on the
-    first: what a Megatron-style uneven split (fewer layers on the last stage) achieves. Exact
-    linear-partition DP over layers; every stage keeps at least one layer."""
-    w = [module_forward_flops(m, seq_len, f"layers.{i}")[0] for i in range(m.n_layers)]
-    w[-1] += module_forward_flops(m, seq_len, "lm_head")[0]
-    L = len(w)
-    pre = [0.0]
-    for x in w:
-        pre.append(pre[-1] + x)
-    inf = float("inf")
-    best = [[inf] * (L + 1) for _ in range(n_stages + 1)]
-    cut = [[0] * (L + 1) for _ in range(n_stages + 1)]
-    best[0][0] = 0.0
-    for k in range(1, n_stages + 1):
-        for i in range(k, L + 1):
-            for j in range(k - 1, i):
-                c = max(best[k - 1][j], pre[i] - pre[j])
-                if c < best[k][i]:
-                    best[k][i], cut[k][i] = c, j
-    bounds, i = [], L
-    for k in range(n_stages, 0, -1):
-        bounds.append((cut[k][i], i))
-        i = cut[k][i]
-    out = [[f"layers.{j}" for j in range(a, b)] for a, b in reversed(bounds)]
-    out[0].insert(0, "tok_embeddings")
-    out[-1] += ["norm", "lm_head"]
-    return out
+    return pipeline.stage_split(m, n_stages, seq_len)
 
 
 def module_forward_flops(m: DictConfig, seq_len: int, fqn: str) -> tuple[float, int]:
@@ -241,7 +207,8 @@ def step_time(m: DictConfig, hw: DictConfig, p: DictConfig, *, seq_len: int, glo
     schedule's bubble, (pp-1)/(v*m) of the busy time (1F1B: v=1; interleaved: v stages per rank),
     plus the activation sends between stages; DP: one FSDP all-gather (bf16) and one reduce-scatter
     (fp32) of the stage's parameters per step (torchtitan keeps them unsharded across micro-batches
-    under PP); CP: all-gather of K and V and reduce-scatter of their gradients per layer.
+    under PP); CP: all-gather of the compressed KV latent and reduce-scatter of its gradient per
+    layer (context_parallel.py gathers the latent, not per-head K/V).
     """
     pp, ep, cp = p.pp, p.ep, p.cp
     dp = world // (pp * cp * p.tp)
@@ -254,13 +221,13 @@ def step_time(m: DictConfig, hw: DictConfig, p: DictConfig, *, seq_len: int, glo
     ranks = [[per_stage[s] for s in range(r, len(stages), pp)] for r in range(pp)]
     fwd = [sum(f for st in rk for f, _ in st) for rk in ranks]
     moe = [sum(n for st in rk for _, n in st) for rk in ranks]
-    slow = max(range(pp), key=lambda r: fwd[r])
-
     recompute = recompute_share(m, seq_len, p.get("activation_checkpoint", "none"))
     peak = hw.peak_tflops * 1e12
-    t_mb_compute = fwd[slow] * tokens_mb * (3 + recompute) / (peak * hw.gemm_efficiency)
     intra, inter = ep_bytes_per_token_layer(m, hw, ep) if ep > 1 else (0.0, 0.0)
-    t_mb_ep = moe[slow] * tokens_mb * (intra / (hw.nvlink_gbps * 1e9) + inter / (hw.inter_node_gbps * 1e9))
+    ep_per_layer = tokens_mb * (intra / (hw.nvlink_gbps * 1e9) + inter / (hw.inter_node_gbps * 1e9))
+    compute = [f * tokens_mb * (3 + recompute) / (peak * hw.gemm_efficiency) for f in fwd]
+    slow = max(range(pp), key=lambda r: compute[r] + moe[r] * ep_per_layer)  # the pipeline's pace
+    t_mb_compute, t_mb_ep = compute[slow], moe[slow] * ep_per_layer
 
     busy = n_micro * (t_mb_compute + t_mb_ep)
     bubble = (pp - 1) / (v * n_micro) * busy if pp > 1 else 0.0
@@ -268,20 +235,14 @@ def step_time(m: DictConfig, hw: DictConfig, p: DictConfig, *, seq_len: int, glo
     p2p = n_micro * v * act_bytes / (hw.inter_node_gbps * 1e9) if pp > 1 else 0.0
 
     moe_p = moe_layer_params(m)
-    rank_params = sum(n for _, n in [(0, 0)]) + moe[slow] * (moe_p["dense"] + moe_p["routed"] / ep)
+    rank_params = moe[slow] * (moe_p["dense"] + moe_p["routed"] / ep)  # the MoE layers dominate
     dp_s = rank_params * (2 + 4) * (dp - 1) / dp / (hw.inter_node_gbps * 1e9) if dp > 1 else 0.0
     # The kit's CP all-gathers MLA's compressed latent (context_parallel.py), not per-head K/V
     latent_per_token = (m.kv_lora_rank + m.qk_rope_head_dim) * 2  # bf16
-    layers_slow = sum(1 for st in ranks[slow] for f, _ in st if f > 0)
+    layers_slow = sum(1 for s in range(slow, len(stages), pp) for f in stages[s] if f.startswith("layers."))
     cp_bytes = 2 * n_micro * layers_slow * seq_len * (cp - 1) / cp * latent_per_token if cp > 1 else 0.0
     cp_s = cp_bytes / (hw.inter_node_gbps * 1e9) if cp > 1 else 0.0
 
     flops_gpu = train_flops_per_token(m, seq_len) * global_batch * seq_len / world
     return StepTime(compute_s=n_micro * t_mb_compute, ep_s=n_micro * t_mb_ep, pp_bubble_s=bubble,
                     pp_p2p_s=p2p, dp_s=dp_s, cp_s=cp_s, flops_per_gpu=flops_gpu, peak_flops=peak)
-
-
-def even_split(n_layers: int, pp: int) -> list[int]:
-    """Transformer layers per stage when the trainer's split is not at hand: as even as possible."""
-    base, extra = divmod(n_layers, pp)
-    return [base + (1 if i < extra else 0) for i in range(pp)]

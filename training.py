@@ -96,12 +96,15 @@ def build_model(cfg: DictConfig, world_size: int, *, bias_update_rate: float, se
     return parts[0], spec, parallel_dims, flops_per_token
 
 
-def build_model_parts(cfg: DictConfig, world_size: int, *, bias_update_rate: float, seed: int):
+def build_model_parts(cfg: DictConfig, world_size: int, *, bias_update_rate: float, seed: int, meta: bool = False):
     """Returns (parts, pipeline, spec, parallel_dims, flops_per_token): this rank's model chunks
-    ([the whole model] when pp=1) and the pipeline.Pipeline that steps them (None when pp=1)."""
+    ([the whole model] when pp=1) and the pipeline.Pipeline that steps them (None when pp=1).
+    meta=True (stages/dryrun.py, on torch's fake process group): stop after parallelize, with the
+    parameters left on the meta device and no check for hardware this machine lacks."""
     hw, p = cfg.hardware, cfg.parallelism
-    kernels.check_moe_comm_backend(p.moe_comm_backend)
-    kernels.check_float8(hw.float8, hw.device)
+    if not meta:
+        kernels.check_moe_comm_backend(p.moe_comm_backend)
+        kernels.check_float8(hw.float8, hw.device)
     spec = axk1.model_registry(cfg.model, attention=hw.attention, moe_comm_backend=p.moe_comm_backend,
                                expert_gemm_dtype=hw.expert_gemm_dtype, expert_fuse_gate_up=hw.expert_fuse_gate_up,
                                bias_update_rate=bias_update_rate)
@@ -111,6 +114,8 @@ def build_model_parts(cfg: DictConfig, world_size: int, *, bias_update_rate: flo
     class _RuntimeConfig:  # the one field torchtitan's update_from_config reads off a non-Trainer config
         pass
     _RuntimeConfig.parallelism = parallelism
+    # ...and the two training fields its DeepEP dispatcher sizes its per-rank token buffer from
+    _RuntimeConfig.training = TrainingConfig(seq_len=configs.budget(cfg).seq_len, local_batch_size=p.micro_batch)
     spec.model.update_from_config(config=_RuntimeConfig())
 
     parallel_dims = ParallelDims.from_config(parallelism, world_size)
@@ -123,13 +128,15 @@ def build_model_parts(cfg: DictConfig, world_size: int, *, bias_update_rate: flo
 
     ac = None if p.activation_checkpoint == "none" else ActivationCheckpointingConfig(mode=p.activation_checkpoint)
     training = TrainingConfig(mixed_precision_param=hw.param_dtype, mixed_precision_reduce=hw.reduce_dtype)
-    device = device_of(hw)
+    device = torch.device("meta") if meta else device_of(hw)
     pipe = None
     if p.pp > 1:
         parts, pipe = pipeline.build_pipeline(net, spec, cfg, parallel_dims, parallelism, training, ac, device)
     else:
         parts = [spec.parallelize_fn(net, parallel_dims=parallel_dims, training=training, parallelism=parallelism,
                                      compile_config=CompileConfig(), ac_config=ac, dump_folder=cfg.run_dir)]
+    if meta:
+        return parts, pipe, spec, parallel_dims, flops_per_token
     for net in parts:
         if hw.backend == "gloo":
             # torchtitan sets FSDP's gradient divide factor to 1 (the loss is normalised by the

@@ -1,0 +1,288 @@
+"""Dry run of a training layout: the memory each GPU needs and the step time, in one CPU process.
+
+    make dryrun MODEL=axk1_519b HARDWARE=h200_1536 PARALLEL=axk1_pretrain STAGE=pretrain_s1 [ARGS=...]
+
+config -> fake world -> build each rank kind's model part -> memory plan -> time model -> report.
+torch's fake process group (every collective is a no-op) gives the chosen world size in one
+process; for each distinct rank kind (PP stage x EP rank x CP rank) the rank's part is built on the
+meta device by training.build_model_parts, i.e. the trainer's own torchtitan parallelize + pipeline
+split, and its parameter shards are read off the DTensors. Everything that is not a parameter
+shard comes from formulas: activations from memory_model (Korthikanti et al. 2022's per-tensor walk,
+redone for MLA + MoE), the rest documented at each part below. Prints one markdown table and ends
+with one JSON line: per_gpu_bytes (the largest rank's total), its parts, fits.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import configs  # noqa: E402
+import memory_model  # noqa: E402
+import perf_model  # noqa: E402
+import pipeline  # noqa: E402
+import training  # noqa: E402
+
+GB = 1e9
+FSDP_DIMS = {"fsdp", "efsdp", "dp_replicate", "dp_shard"}  # mesh dims FSDP gathers over
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+PARTS = ("params", "buffers", "grads", "optimizer", "fsdp_params", "fsdp_grads", "fp8", "activations",
+         "recompute", "ce_peak", "reserved")
+
+
+# ----------------------------------------------------------------------------------------
+# Rank kinds: one global rank per (PP stage, EP rank, CP rank), found in torchtitan's mesh order.
+# ----------------------------------------------------------------------------------------
+def rank_for(p: DictConfig, world: int, stage: int, ep_rank: int, cp_rank: int) -> int:
+    """torchtitan unflattens the world row-major: (pp, batch, cp, tp) and (pp, dp_rep, efsdp, ep),
+    so inside a stage's block the EP rank is j % ep and the CP rank (j // tp) % cp. The smallest
+    such j is also FSDP rank 0, whose shard is the largest when a dimension does not divide."""
+    block = world // p.pp
+    for j in range(block):
+        if j % p.ep == ep_rank and (j // p.tp) % p.cp == cp_rank:
+            return stage * block + j
+    raise configs.ConfigError(f"no rank with ep={ep_rank} cp={cp_rank} in a block of {block} ranks")
+
+
+def rank_kinds(p: DictConfig) -> list[tuple[int, int, int]]:
+    """Every PP stage at EP rank 0, CP rank 0; the first and last stage also at the last EP and CP
+    ranks. All EP/CP ranks of a stage hold equal shapes (num_experts % ep == 0; CP shards only
+    activations): the extra corners check that (the table merges equal rows)."""
+    kinds = [(s, 0, 0) for s in range(p.pp)]
+    corners = sorted({(e, c) for e in (0, p.ep - 1) for c in (0, p.cp - 1)} - {(0, 0)})
+    return kinds + [(s, e, c) for s in sorted({0, p.pp - 1}) for e, c in corners]
+
+
+# ----------------------------------------------------------------------------------------
+# Parameter-derived memory, read off the built part.
+# ----------------------------------------------------------------------------------------
+def fsdp_unsharded_numel(t: torch.Tensor) -> int:
+    """Elements FSDP's all-gather materialises on this rank: the global tensor divided by the
+    non-FSDP shardings (EP for routed experts)."""
+    if not isinstance(t, DTensor):
+        return t.numel()
+    n = t.numel()
+    for i, (name, pl) in enumerate(zip(t.device_mesh.mesh_dim_names, t.placements)):
+        if pl.is_shard() and name not in FSDP_DIMS:
+            n //= t.device_mesh.size(i)
+    return n
+
+
+def local_numel(t: torch.Tensor) -> int:
+    return t.to_local().numel() if isinstance(t, DTensor) else t.numel()
+
+
+def fsdp_units(parts: list[torch.nn.Module]) -> list[int]:
+    """Unsharded elements of each FSDP unit (the parameters one fully_shard call manages)."""
+    units = []
+    for part in parts:
+        for mod in part.modules():
+            if isinstance(mod, FSDPModule):
+                # one unit may hold two groups (dense params on fsdp, experts on efsdp x ep)
+                groups = mod._get_fsdp_state()._fsdp_param_groups
+                n = sum(fsdp_unsharded_numel(fp.sharded_param) for g in groups for fp in g.fsdp_params)
+                if n:
+                    units.append(n)
+    return units
+
+
+def stage_contents(parts: list[torch.nn.Module]) -> tuple[list[int], bool, int]:
+    """(transformer layer indices, holds the LM head, MTP depths) of this rank's parts."""
+    layers, head, mtp = [], False, 0
+    for part in parts:
+        if getattr(part, "layers", None) is not None:
+            layers += [int(k) for k in part.layers.keys()]
+        head = head or getattr(part, "lm_head", None) is not None
+        mtp += len(part.mtp_layers) if getattr(part, "mtp_layers", None) is not None else 0
+    return layers, head, mtp
+
+
+# ----------------------------------------------------------------------------------------
+# Pipeline schedule: micro-batches whose activations a rank holds at its peak.
+# ----------------------------------------------------------------------------------------
+def in_flight(p: DictConfig, stage: int, n_micro: int) -> float:
+    """In units of "the rank's whole activation set for one micro-batch". 1F1B: stage s holds
+    pp - s (its warmup forwards + 1); interleaved 1F1B with v stages per rank (torchtitan's
+    warmup, as Megatron's): (v-1)*pp + 2*(pp-1-s) + 1 chunks of 1/v each; GPipe: all."""
+    if p.pp == 1:
+        return 1.0
+    v = p.get("pp_stages_per_rank", 1) or 1
+    name = p.pp_schedule
+    if name == "GPipe":
+        return float(n_micro)
+    if name == "1F1B":
+        return float(min(p.pp - stage, n_micro))
+    if name in ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble"):
+        return min((v - 1) * p.pp + 2 * (p.pp - 1 - stage) + 1, n_micro * v) / v
+    raise configs.ConfigError(f"parallelism/{p.name}.yaml pp_schedule={name}: the dry run has no in-flight model "
+                              f"for it (expected 1F1B | Interleaved1F1B | GPipe)")
+
+
+# ----------------------------------------------------------------------------------------
+# One rank's memory plan.
+# ----------------------------------------------------------------------------------------
+def memory_plan(cfg: DictConfig, parts: list[torch.nn.Module], stage: int, n_micro: int) -> dict:
+    m, hw, p = cfg.model, cfg.hardware, cfg.parallelism
+    b = configs.budget(cfg)
+    mode = p.activation_checkpoint
+    if mode not in ("none", "paper", "full"):
+        raise configs.ConfigError(f"parallelism/{p.name}.yaml activation_checkpoint={mode}: the activation formula "
+                                  f"(memory_model) covers none | paper | full; torchtitan's op-level `selective` "
+                                  f"has no closed form")
+    act_b = DTYPE_BYTES[hw.param_dtype]
+    device = "cpu" if hw.device == "cpu" else "cuda"
+    n_local = sum(local_numel(t) for part in parts for t in part.parameters())
+    units = fsdp_units(parts)
+    out = {}
+    # FSDP2 keeps the sharded parameter in its storage dtype: the FP32 master weights (paper 3.5).
+    out["params"] = n_local * 4
+    # buffers (RoPE tables, router biases and load counters) in their own dtypes, not sharded
+    out["buffers"] = sum(local_numel(t) * t.element_size() for part in parts for t in part.buffers())
+    out["grads"] = n_local * 4                         # FP32 sharded gradients (reduce_dtype)
+    moment = DTYPE_BYTES[cfg.optim.get("moment_dtype", "float32")]
+    out["optimizer"] = n_local * 2 * moment            # AdamW exp_avg + exp_avg_sq
+    param_b, reduce_b = DTYPE_BYTES[hw.param_dtype], DTYPE_BYTES[hw.reduce_dtype]
+    if p.pp > 1:
+        # torchtitan turns reshard_after_forward off under PP, and the pipeline stage disables
+        # gradient sync until the last micro-batch: every unit stays gathered (param dtype) and its
+        # gradients accumulate unsharded in reduce_dtype (FSDPParam.unsharded_accumulated_grad).
+        out["fsdp_params"] = sum(units) * param_b
+        out["fsdp_grads"] = sum(units) * reduce_b
+    else:
+        # resharded after each use: the unit in use plus the one prefetched, and one unit's
+        # gradients before their reduce-scatter
+        top = sorted(units, reverse=True)[:2]
+        out["fsdp_params"] = sum(top) * param_b
+        out["fsdp_grads"] = (top[0] if top else 0) * reduce_b
+    # FP8 (torchao tensorwise): the largest unit's weights cast to E4M3 for the forward GEMM and
+    # their transposed cast for the backward, one unit at a time (scales are per tensor: scalars).
+    out["fp8"] = 2 * max(units, default=0) if hw.float8 else 0
+
+    layers, head, mtp = stage_contents(parts)
+    tokens_seq = b.seq_len // p.cp                     # a CP rank holds 1/cp of each sequence
+
+    def layer_bytes(i: int, rmode: str) -> int:
+        moe = i >= m.n_dense_layers
+        n = memory_model.activation_bytes_per_layer(m, tokens_seq, p.micro_batch, rmode, act_b, moe=moe, device=device)
+        if p.cp > 1 and rmode != "full":
+            # the kit's CP (context_parallel.py) all-gathers the compressed KV latent per layer
+            # and up-projects it for the whole sequence: the gathered latent is kept, and without
+            # recomputation also the whole sequence's K and kv up-projection output (V a view)
+            rest = (b.seq_len - tokens_seq) * p.micro_batch
+            n += rest * (m.kv_lora_rank + m.qk_rope_head_dim) * act_b
+            if rmode == "none":
+                n += rest * m.n_heads * (2 * m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim) * act_b
+        return n
+
+    ce_chunk = p.get("ce_chunk_tokens", 0) or 0
+    per_mb = sum(layer_bytes(i, mode) for i in layers)
+    if head:
+        per_mb += memory_model.head_bytes(m, tokens_seq, p.micro_batch, ce_chunk, act_b, device)
+        per_mb += mtp * memory_model.mtp_bytes(m, tokens_seq, p.micro_batch, mode, ce_chunk, act_b, device)
+    out["activations"] = int(per_mb * in_flight(p, stage, n_micro))
+    out["act_per_microbatch"], out["in_flight"] = per_mb, in_flight(p, stage, n_micro)
+    # backward recomputes one layer at a time: its full activation set exists transiently
+    out["recompute"] = max((layer_bytes(i, "none") - layer_bytes(i, mode) for i in layers), default=0)
+    # CE: beyond the saved log-probabilities (in activations when not chunked), the bf16 logits and
+    # their fp32 gradient exist at once; chunked: one chunk's logits, fp32 upcast and gradient
+    rows = tokens_seq * p.micro_batch
+    out["ce_peak"] = (min(ce_chunk, rows) * m.vocab_size * (act_b + 4 + 4) if ce_chunk > 0
+                      else rows * m.vocab_size * (act_b + 4)) if head else 0
+    # CUDA context, NCCL/DeepEP buffers, allocator slack (hardware config)
+    out["reserved"] = int(hw.get("runtime_reserved_gb", 0) * GB)
+    out["total"] = sum(out[k] for k in PARTS)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# The run.
+# ----------------------------------------------------------------------------------------
+@hydra.main(config_path="../conf", config_name="pretrain", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    t0 = time.perf_counter()
+    m, hw, p = cfg.model, cfg.hardware, cfg.parallelism
+    world = configs.world_size_of(cfg)
+    b = configs.budget(cfg)
+    for line in configs.errors(cfg, world):
+        print(f"note: the trainer refuses this config: {line}")
+    deg = configs.mesh_degrees(cfg, world)
+    n_micro = b.batch_end // (deg["dp"] * p.micro_batch)
+    training._patch_torchtitan_device("cpu")  # meshes of the fake world; parameters stay on meta
+    if p.moe_comm_backend == "deepep" and importlib.util.find_spec("deep_ep") is None:
+        # torchtitan's DeepEP dispatcher imports deep_ep when built; the parameters are the same
+        print("note: deep_ep is not installed here: parts built with moe_comm_backend=standard "
+              "(same parameters; DeepEP's buffers are in `reserved`)")
+        p.moe_comm_backend = "standard"
+
+    rows, seen = [], {}
+    for stage, ep_rank, cp_rank in rank_kinds(p):
+        rank = rank_for(p, world, stage, ep_rank, cp_rank)
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+        try:
+            parts, _, _, pdims, _ = training.build_model_parts(cfg, world, bias_update_rate=cfg.stage.bias_update_rate,
+                                                               seed=cfg.seed, meta=True)
+            got = [pdims.get_mesh(d).get_local_rank() if pdims.get_optional_mesh(d) is not None else 0
+                   for d in ("pp", "ep", "cp")]
+            assert got == [stage if p.pp > 1 else 0, ep_rank, cp_rank], (got, stage, ep_rank, cp_rank)
+            plan = memory_plan(cfg, parts, stage, n_micro)
+            layers, head, mtp = stage_contents(parts)
+        finally:
+            dist.destroy_process_group()
+        key = (stage, tuple(plan[k] for k in PARTS))
+        if key in seen:  # same shapes on another EP/CP rank of this stage: one row
+            seen[key]["ranks"].append((rank, ep_rank, cp_rank))
+            continue
+        row = {"stage": stage, "ranks": [(rank, ep_rank, cp_rank)], "layers": layers, "head": head, "mtp": mtp, **plan}
+        seen[key] = row
+        rows.append(row)
+
+    cap = hw.memory_gb * GB
+    unit, scale = ("GB", GB) if max(r["total"] for r in rows) > 2 * GB else ("MB", 1e6)
+    print(f"## Dry run: {m.name} on {hw.name} ({world} ranks), {p.name} (PP {p.pp} x EP {p.ep} x CP {p.cp}, "
+          f"dp {deg['dp']}), {cfg.stage.name}: seq {b.seq_len}, batch {b.batch_end}, micro-batches/step {n_micro}, "
+          f"{p.pp_schedule}, recompute {p.activation_checkpoint}, CE chunk {p.get('ce_chunk_tokens', 0)}, "
+          f"moments {cfg.optim.get('moment_dtype', 'float32')}, FP8 {hw.float8}\n")
+    print(f"Per GPU, {unit}. params/grads: FP32 shards; fsdp_*: gathered parameters and accumulated gradients; "
+          f"activations: per micro-batch x in flight\n")
+    print("| stage | EP,CP ranks | layers | act/mb x in flight | " + " | ".join(PARTS) + f" | total {unit} | fits |")
+    print("|---|---|---|---|" + "---|" * len(PARTS) + "---|---|")
+    for r in rows:
+        span = f"{r['layers'][0]}-{r['layers'][-1]}" if r["layers"] else "-"
+        span += " +head" if r["head"] else ""
+        span += f" +{r['mtp']} MTP" if r["mtp"] else ""
+        ranks = " ".join(f"{e},{c}" for _, e, c in r["ranks"])
+        act = f"{r['act_per_microbatch'] / scale:.2f} x {r['in_flight']:g}"
+        print(f"| {r['stage']} | {ranks} | {span} | {act} | " + " | ".join(f"{r[k] / scale:.1f}" for k in PARTS) +
+              f" | {r['total'] / scale:.1f} | {r['total'] <= cap} |")
+    worst = max(rows, key=lambda r: r["total"])
+    fits = worst["total"] <= cap
+
+    stages = pipeline.stage_split(m, p.pp * p.pp_stages_per_rank, b.seq_len) if p.pp > 1 else None
+    t = perf_model.step_time(m, hw, p, seq_len=b.seq_len, global_batch=b.batch_end, world=world, stages=stages)
+    print(f"\nlargest: stage {worst['stage']} (rank {worst['ranks'][0][0]}) {worst['total'] / GB:.1f} GB of "
+          f"{hw.memory_gb} GB: fits: {str(fits).lower()}")
+    print(f"time model: {t.total_s:.1f} s/step (compute {t.compute_s:.1f}, EP {t.ep_s:.1f}, PP bubble "
+          f"{t.pp_bubble_s:.1f}, PP p2p {t.pp_p2p_s:.1f}, DP {t.dp_s:.1f}, CP {t.cp_s:.1f}): "
+          f"{t.tflops_per_gpu:.1f} TFLOPs/GPU, MFU {t.mfu:.1%}; dry run {time.perf_counter() - t0:.0f} s")
+    stages_out = [{"stage": r["stage"], "ranks": [x[0] for x in r["ranks"]], "total": r["total"],
+                   "params": r["params"], "layers": len(r["layers"])} for r in rows]
+    print(json.dumps({"per_gpu_bytes": worst["total"], "parts": {k: worst[k] for k in PARTS},
+                      "fits": fits, "capacity_bytes": cap, "largest_rank": worst["ranks"][0][0],
+                      "largest_stage": worst["stage"], "world": world, "tflops_per_gpu": t.tflops_per_gpu,
+                      "mfu": t.mfu, "step_s": t.total_s, "stages": stages_out}))
+
+
+if __name__ == "__main__":
+    main()
