@@ -115,7 +115,7 @@ plan: setup
 	$(PYTHON) stages/plan.py $(ARGS)
 
 dryrun: setup
-	$(PYTHON) stages/dryrun.py stage=$(STAGE) $(STAGE_ARGS) hydra.run.dir=. hydra.output_subdir=null \
+	$(PYTHON) stages/dryrun.py stage=$(STAGE) parallelism=$(PARALLEL) $(STAGE_ARGS) hydra.run.dir=. hydra.output_subdir=null \
 	  hydra/job_logging=disabled hydra/hydra_logging=disabled
 
 # Hugging Face interop (issue 10): kit DCP checkpoint <-> the released AXK1ForCausalLM layout.
