@@ -91,15 +91,14 @@ def test_float8_on_cpu_stops_with_one_line(single_process_group):
     ("h200_1024", "axk1_pretrain", "pretrain_s1"), ("h200_1536", "axk1_pretrain", "pretrain_s2"),
     ("h200_1536", "axk1_16k", "pretrain_s3_16k"), ("h200_1536", "axk1_32k", "pretrain_s3_32k"),
 ])
-def test_paper_layouts_validate_apart_from_mtp(hw, par, stage):
-    ov = ["model=axk1_519b", "optim=adamw", f"hardware={hw}", f"parallelism={par}", f"stage={stage}",
-          "model.num_mtp_layers=0"]
-    assert errs(ov) == []
+def test_paper_layouts_validate_and_run(hw, par, stage):
+    ov = ["model=axk1_519b", "optim=adamw", f"hardware={hw}", f"parallelism={par}", f"stage={stage}"]
+    assert errs(ov) == [] and configs.loop_errors(compose_cfg(overrides=ov)) == []
 
 
 def test_layouts_the_loops_cannot_run_are_refused_at_start_and_submission():
-    # The paper's PP 16 layout runs (pipeline.py), MTP included; stages that do not step a
-    # pipeline schedule refuse pp > 1 in one line.
+    # The paper's PP 16 layouts run (pipeline.py; with CP for 16K/32K), MTP included; stages that
+    # do not step a pipeline schedule refuse pp > 1 in one line.
     cfg = compose_cfg(overrides=["model=axk1_519b", "optim=adamw", "hardware=h200_1024",
                                  "parallelism=axk1_pretrain"])
     assert configs.errors(cfg) == [] and configs.loop_errors(cfg) == []
