@@ -77,6 +77,17 @@ def errors(cfg: DictConfig, world_size: int | None = None) -> list[str]:
         out.append(f"parallelism/{p.name}.yaml ep={p.ep}: expected to divide model.num_experts={m.num_experts}")
     if p.pp > 1:
         out += pipeline_errors(cfg)
+    if p.activation_checkpoint not in ("none", "selective", "full", "paper"):
+        out.append(f"parallelism/{p.name}.yaml activation_checkpoint={p.activation_checkpoint}: expected "
+                   f"none|selective|full|paper")
+    if not isinstance(p.get("ce_chunk_tokens", 0), int) or p.get("ce_chunk_tokens", 0) < 0:
+        out.append(f"parallelism/{p.name}.yaml ce_chunk_tokens={p.ce_chunk_tokens}: expected an integer >= 0 "
+                   f"(0 = plain cross-entropy)")
+    if cfg.optim.get("moment_dtype", "float32") not in ("float32", "bfloat16"):
+        out.append(f"optim/{cfg.optim.name}.yaml moment_dtype={cfg.optim.moment_dtype}: expected float32|bfloat16")
+    if hw.float8 and hw.get("float8_recipe", "tensorwise") != "tensorwise":
+        out.append(f"hardware/{hw.name}.yaml float8_recipe={hw.float8_recipe}: expected tensorwise "
+                   f"(paper 3.5: per-tensor scaling)")
     if p.tp != 1:
         out.append(f"parallelism/{p.name}.yaml tp={p.tp}: A.X K1 trains without tensor parallelism (paper 3.4); expected 1")
     if hw.device == "cpu" and hw.attention == "flex":

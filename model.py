@@ -35,6 +35,7 @@ from torchtitan.protocols.model_spec import ModelSpec
 
 import context_parallel
 import kernels
+import memory
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
@@ -241,8 +242,9 @@ def _fields(cfg) -> dict:
 
 def build_model_config(m: DictConfig, *, attention: str, moe_comm_backend: str = "standard",
                        expert_gemm_dtype: str = "bfloat16", expert_fuse_gate_up: bool = False,
-                       bias_update_rate: float = 1e-3) -> AXK1Model.Config:
-    """Turn the Hydra `model` group (conf/model/*.yaml) into torchtitan's config tree."""
+                       bias_update_rate: float = 1e-3, ce_chunk_tokens: int = 0) -> AXK1Model.Config:
+    """Turn the Hydra `model` group (conf/model/*.yaml) into torchtitan's config tree.
+    `ce_chunk_tokens` > 0 gives the head a chunked cross-entropy (memory.ChunkedHead)."""
     std = m.init_std
     linear_init, norm_init = _std_init(std), {"weight": torch.nn.init.ones_}
     experts_init = {k: (lambda w: torch.nn.init.trunc_normal_(w, std=std)) for k in ("w1_EFD", "w2_EDF", "w3_EFD")}
@@ -296,7 +298,8 @@ def build_model_config(m: DictConfig, *, attention: str, moe_comm_backend: str =
         tok_embeddings=Embedding.Config(num_embeddings=m.vocab_size, embedding_dim=m.dim,
                                         param_init={"weight": lambda w: torch.nn.init.normal_(w, std=std)}),
         norm=norm(),
-        lm_head=Linear.Config(in_features=m.dim, out_features=m.vocab_size, param_init=linear_init),
+        lm_head=memory.ChunkedHead.Config(in_features=m.dim, out_features=m.vocab_size, param_init=linear_init,
+                                          chunk_tokens=ce_chunk_tokens),
         layers=blocks, mtp_layers=mtp,
         enable_weight_tying=False,  # untied embeddings (SPEC 1)
     )
@@ -304,13 +307,13 @@ def build_model_config(m: DictConfig, *, attention: str, moe_comm_backend: str =
 
 def model_registry(model_cfg: DictConfig, *, attention: str = "flex", moe_comm_backend: str = "standard",
                    expert_gemm_dtype: str = "bfloat16", expert_fuse_gate_up: bool = False,
-                   bias_update_rate: float = 1e-3) -> ModelSpec:
+                   bias_update_rate: float = 1e-3, ce_chunk_tokens: int = 0) -> ModelSpec:
     """Register A.X K1 with torchtitan: its own parallelize/pipeline/balancing hooks apply."""
     return ModelSpec(
         name="axk1", flavor=model_cfg.name,
         model=build_model_config(model_cfg, attention=attention, moe_comm_backend=moe_comm_backend,
                                  expert_gemm_dtype=expert_gemm_dtype, expert_fuse_gate_up=expert_fuse_gate_up,
-                                 bias_update_rate=bias_update_rate),
+                                 bias_update_rate=bias_update_rate, ce_chunk_tokens=ce_chunk_tokens),
         parallelize_fn=context_parallel.parallelize,  # torchtitan's parallelize_deepseekv3 + the kit's CP
         pipelining_fn=pipeline_llm,
         post_optimizer_build_fn=register_moe_load_balancing_hook,

@@ -23,7 +23,6 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torchtitan.components.loss import IGNORE_INDEX, cross_entropy_loss
 from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
-from torchtitan.distributed.activation_checkpoint import ActivationCheckpointingConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.distributed.utils import clip_grad_norm_
@@ -31,6 +30,7 @@ from torchtitan.models.deepseek_v3.mtp import roll_mtp_sequence
 
 import configs
 import kernels
+import memory
 import model as axk1
 import monitoring
 import perf_model
@@ -107,7 +107,9 @@ def build_model_parts(cfg: DictConfig, world_size: int, *, bias_update_rate: flo
         kernels.check_float8(hw.float8, hw.device)
     spec = axk1.model_registry(cfg.model, attention=hw.attention, moe_comm_backend=p.moe_comm_backend,
                                expert_gemm_dtype=hw.expert_gemm_dtype, expert_fuse_gate_up=hw.expert_fuse_gate_up,
-                               bias_update_rate=bias_update_rate)
+                               bias_update_rate=bias_update_rate, ce_chunk_tokens=p.get("ce_chunk_tokens", 0))
+    if hw.float8:
+        spec.model = float8_converter(hw).build().convert(spec.model)
     parallelism = torchtitan_parallelism(cfg, world_size)
     dist_utils.set_spmd_backend(parallelism.spmd_backend)  # as torchtitan's Trainer does
 
@@ -126,7 +128,7 @@ def build_model_parts(cfg: DictConfig, world_size: int, *, bias_update_rate: flo
     # same the planner and the dry run's time model use.
     flops_per_token = perf_model.train_flops_per_token(cfg.model, configs.budget(cfg).seq_len)
 
-    ac = None if p.activation_checkpoint == "none" else ActivationCheckpointingConfig(mode=p.activation_checkpoint)
+    ac = memory.activation_checkpoint_config(p.activation_checkpoint)
     training = TrainingConfig(mixed_precision_param=hw.param_dtype, mixed_precision_reduce=hw.reduce_dtype)
     device = torch.device("meta") if meta else device_of(hw)
     pipe = None
@@ -156,8 +158,7 @@ def build_model_parts(cfg: DictConfig, world_size: int, *, bias_update_rate: flo
 
 
 def build_optimizer(net: torch.nn.Module, o: DictConfig, spec, parallel_dims) -> torch.optim.Optimizer:
-    opt = torch.optim.AdamW(net.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                            weight_decay=o.weight_decay, foreach=True)
+    opt = memory.build_adamw(net.parameters(), o)  # FP32 or BF16 moments (optim.moment_dtype)
     # torchtitan's aux-loss-free balancing: a pre-step hook moves each MoE layer's expert bias by
     # rate * sign(mean load - load) (the rate is AXK1MoE.load_balance_coeff; 0 freezes it).
     spec.post_optimizer_build_fn(opt, [net], parallel_dims)
@@ -206,10 +207,13 @@ def count_targets(targets: list[torch.Tensor]) -> torch.Tensor:
     return torch.tensor([float((targets[0] != IGNORE_INDEX).sum()), float(n_mtp)])
 
 
-def ce_sums(preds, targets: list[torch.Tensor]) -> list[torch.Tensor]:
+def ce_sums(preds, targets: list[torch.Tensor], head: torch.nn.Module | None = None) -> list[torch.Tensor]:
     """Summed CE per head (torchtitan's cross_entropy_loss sums; the caller divides by the
-    global target count, because torchtitan's FSDP setup sums gradients across ranks)."""
+    global target count, because torchtitan's FSDP setup sums gradients across ranks).
+    With `head`, preds are final hidden states and the head computes a chunked CE itself."""
     preds = preds if isinstance(preds, list) else [preds]
+    if head is not None:
+        return [head(p, t) for p, t in zip(preds, targets)]
     return [cross_entropy_loss(p, t) for p, t in zip(preds, targets)]
 
 
@@ -238,23 +242,28 @@ def train_step(parts: list[torch.nn.Module], pipe, batch: dict, targets: list[to
     n_micro = max(1, batch["input_ids"].shape[0] // micro)  # fewer rows than micro: one micro-batch
     for part in parts:
         set_aux_grad_scale(part, 1.0 / (n_micro * dp_size))
-    if pipe is not None:
-        def loss_fn(preds, tgts):  # on the last stage, once per micro-batch
-            ce = ce_sums(preds, tgts)
-            return step_loss(ce, n_targets, mtp_scale), torch.stack([ce[0].detach(), sum(ce[1:]).detach()
-                                                                      if len(ce) > 1 else ce[0].new_zeros(())])
-        sums = pipe.step(batch, targets, loss_fn, n_micro=n_micro, device=device)
-    else:
-        net, sums = parts[0], torch.zeros(3)
-        for i in range(n_micro):
-            rows = slice(i * micro, (i + 1) * micro)
-            tokens, positions = batch["input_ids"][rows].to(device), batch["positions"][rows].to(device)
-            masks = cp.masks(batch, rows, device) if cp is not None else net.get_attention_masks(positions)
-            preds = net(tokens, positions, masks)
-            ce = ce_sums(preds, [t[rows].to(device) for t in targets])
-            step_loss(ce, n_targets, mtp_scale).backward()
-            sums += torch.tensor([ce[0].item(), sum(c.item() for c in ce[1:]),
-                                  aux_loss_value(net) / n_micro])
+    # parallelism.ce_chunk_tokens > 0: the model hands back hidden states and the head (on the
+    # last pipeline stage) computes a chunked CE inside the loss (memory.ChunkedHead)
+    head = next((part.lm_head for part in parts if getattr(part, "lm_head", None) is not None), None)
+    with memory.head_in_loss(head) as fused:
+        loss_head = head if fused else None
+        if pipe is not None:
+            def loss_fn(preds, tgts):  # on the last stage, once per micro-batch
+                ce = ce_sums(preds, tgts, head=loss_head)
+                return step_loss(ce, n_targets, mtp_scale), torch.stack([ce[0].detach(), sum(ce[1:]).detach()
+                                                                          if len(ce) > 1 else ce[0].new_zeros(())])
+            sums = pipe.step(batch, targets, loss_fn, n_micro=n_micro, device=device)
+        else:
+            net, sums = parts[0], torch.zeros(3)
+            for i in range(n_micro):
+                rows = slice(i * micro, (i + 1) * micro)
+                tokens, positions = batch["input_ids"][rows].to(device), batch["positions"][rows].to(device)
+                masks = cp.masks(batch, rows, device) if cp is not None else net.get_attention_masks(positions)
+                preds = net(tokens, positions, masks)
+                ce = ce_sums(preds, [t[rows].to(device) for t in targets], head=loss_head)
+                step_loss(ce, n_targets, mtp_scale).backward()
+                sums += torch.tensor([ce[0].item(), sum(c.item() for c in ce[1:]),
+                                      aux_loss_value(net) / n_micro])
     # Every rank holds a share: its data rows (dp), its sequence chunk (cp), its stages' MoE aux
     # and, on the last stage only, the CE (pp). tp is always 1 (configs.errors), so the world
     # group is exactly dp x cp x pp.
@@ -268,6 +277,18 @@ def clip_grad_norm(parts: list[torch.nn.Module], pipe, max_norm: float, parallel
         return pipe.clip_grad_norm_(max_norm)
     return clip_grad_norm_(parts[0].parameters(), max_norm, foreach=True,
                            pp_mesh=parallel_dims.get_optional_mesh("pp"), ep_enabled=parallel_dims.ep_enabled)
+
+
+def float8_converter(hw: DictConfig):
+    """hardware.float8 -> torchtitan's Float8LinearConverter config. Paper 3.5: per-tensor
+    (tensorwise) scaling, E4M3 forward / E5M2 backward (torchao's `tensorwise` recipe). The head
+    and the router gate stay in high precision (DeepSeek-V3 report 3.3.1 keeps the output head
+    and the MoE gating out of FP8); routed experts run torchtitan's BF16 grouped GEMM."""
+    from torchtitan.components.quantization import Float8LinearConverter
+
+    if hw.get("float8_recipe", "tensorwise") != "tensorwise":
+        raise ValueError(f"hardware/{hw.name}.yaml float8_recipe={hw.float8_recipe!r}: expected tensorwise (paper 3.5)")
+    return Float8LinearConverter.Config(recipe_name="tensorwise", filter_fqns=["lm_head", "router.gate"])
 
 
 def set_aux_grad_scale(net: torch.nn.Module, scale: float) -> None:
