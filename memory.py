@@ -174,7 +174,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
 
 
 class ChunkedHead(Linear):
-    """The output head. `head(h)` gives logits, as torchtitan's Linear; `head(h, labels)` gives
+    """The output head. `head(h)` gives logits, as torchtitan's Linear; `head(h, labels=y)` gives
     the summed CE over those labels, `chunk_tokens` tokens at a time (memory.ChunkedLinearCE).
 
     Going through the module call matters: FSDP2 unshards the weight in the head's forward hook
@@ -192,10 +192,12 @@ class ChunkedHead(Linear):
         self.chunk_tokens = config.chunk_tokens
         self.defer = False
 
-    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, *, labels: torch.Tensor | None = None) -> torch.Tensor:
+        # `input` and keyword-only `labels`: torchtitan's sharding hook maps positional arguments
+        # by name (its lm_head layout names `input`) and drops positional arguments it does not know.
         if labels is None:
-            return h if self.defer else super().forward(h)
-        h_TD = h.reshape(-1, h.shape[-1])
+            return input if self.defer else super().forward(input)
+        h_TD = input.reshape(-1, input.shape[-1])
         w = self.weight.to_local() if isinstance(self.weight, DTensor) else self.weight
         return _ChunkedLinearCE.apply(h_TD, w, labels.reshape(-1), self.chunk_tokens)
 

@@ -213,7 +213,7 @@ def ce_sums(preds, targets: list[torch.Tensor], head: torch.nn.Module | None = N
     With `head`, preds are final hidden states and the head computes a chunked CE itself."""
     preds = preds if isinstance(preds, list) else [preds]
     if head is not None:
-        return [head(p, t) for p, t in zip(preds, targets)]
+        return [head(p, labels=t) for p, t in zip(preds, targets)]
     return [cross_entropy_loss(p, t) for p, t in zip(preds, targets)]
 
 

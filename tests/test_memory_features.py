@@ -138,7 +138,7 @@ def test_chunked_ce_keeps_at_most_an_eighth_at_the_paper_vocab():
         torch.nn.init.normal_(head.weight, std=0.02, generator=torch.Generator().manual_seed(1))
         h.grad = None
         with memory_model.SavedActivationBytes(track_peak=True) as meter:
-            loss = head(h, labels) if n else training.ce_sums(head(h), [labels])[0]
+            loss = head(h, labels=labels) if n else training.ce_sums(head(h), [labels])[0]
             kept = meter.alive()
             loss.backward()
         figures[n] = dict(loss=loss.item(), kept=kept, peak=meter.peak, dh=h.grad.clone(), dw=head.weight.grad)
