@@ -167,7 +167,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
             rows = torch.arange(y.shape[0], device=y.device)[valid]
             dlogits[rows, y[valid]] -= 1.0
             dlogits[~valid] = 0.0
-            dlogits = (dlogits * grad_total).to(h.dtype)
+            dlogits = dlogits.mul_(grad_total).to(h.dtype)
             dh[s:s + ctx.chunk] = dlogits @ w_VD
             dw += (dlogits.t() @ h).float()
         return dh, dw.to(w_VD.dtype), None, None
@@ -199,7 +199,7 @@ class ChunkedHead(Linear):
             return input if self.defer else super().forward(input)
         h_TD = input.reshape(-1, input.shape[-1])
         w = self.weight.to_local() if isinstance(self.weight, DTensor) else self.weight
-        return _ChunkedLinearCE.apply(h_TD, w, labels.reshape(-1), self.chunk_tokens)
+        return _ChunkedLinearCE.apply(h_TD, w, labels.reshape(-1), self.chunk_tokens or h_TD.shape[0])
 
 
 @contextlib.contextmanager
