@@ -108,7 +108,7 @@ def build_model_parts(cfg: DictConfig, world_size: int, *, bias_update_rate: flo
     spec = axk1.model_registry(cfg.model, attention=hw.attention, moe_comm_backend=p.moe_comm_backend,
                                expert_gemm_dtype=hw.expert_gemm_dtype, expert_fuse_gate_up=hw.expert_fuse_gate_up,
                                bias_update_rate=bias_update_rate, ce_chunk_tokens=p.get("ce_chunk_tokens", 0))
-    if hw.float8:
+    if hw.float8 and not meta:  # torchtitan's converter refuses GPUs without FP8 (and the fake world)
         spec.model = float8_converter(hw).build().convert(spec.model)
     parallelism = torchtitan_parallelism(cfg, world_size)
     dist_utils.set_spmd_backend(parallelism.spmd_backend)  # as torchtitan's Trainer does
