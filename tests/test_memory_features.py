@@ -99,6 +99,28 @@ def test_paper_recompute_same_numbers_and_saves_what_the_formula_predicts():
     assert saved > 0.3 * kept0  # the feature does something worth having on this model
 
 
+def test_meter_counts_what_autograd_saves():
+    """Without recomputation everything kept is a saved tensor, so the meter must agree with
+    torch.autograd.graph.saved_tensors_hooks (storages deduplicated, parameters excluded). With
+    selective recomputation the hooks miss what the checkpoint caches, hence the meter."""
+    cfg, net = tiny()
+    tokens, positions, targets = batch(cfg)
+    owned = {t.untyped_storage()._cdata for t in list(net.parameters()) + list(net.buffers())}
+    saved = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st._cdata not in owned:
+            saved[st._cdata] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), memory_model.SavedActivationBytes() as meter:
+        ce = forward_ce(net, tokens, positions, targets)
+        kept = meter.alive()
+    assert sum(saved.values()) == pytest.approx(kept, rel=0.01), (sum(saved.values()), kept)
+    del ce
+
+
 def test_full_recompute_keeps_layer_inputs_only():
     """torchtitan's `full` mode through the same switch: each main layer keeps its input."""
     cfg, net = tiny()
