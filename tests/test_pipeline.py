@@ -2,7 +2,10 @@
 router-bias update on, against one process on the same data from the same saved start."""
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -153,3 +156,16 @@ def test_paper_split_holds_every_layer_once_and_balances_the_stages():
     assert max(flops) / (sum(flops) / 16) < 1.25  # worst stage within 25% of the mean
     with pytest.raises(ValueError, match="duplicated"):
         pipeline.validate_split([split[0] + ["layers.5"]] + split[1:], m)
+
+
+def test_mtp_embedding_copy_stays_equal_and_a_drift_is_refused():
+    """tests/dist_pp_embedding.py: 3 AdamW steps (lr 1e-2) keep the copies equal; one step without
+    the gradient sum makes them differ (measured 1.3e-2) and the pre-checkpoint check refuses."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), "tests/dist_pp_embedding.py"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    r = json.loads(next(line for line in p.stdout.splitlines() if line.startswith("PPCHECK "))[8:])
+    assert r["initial"] == 0.0 and r["after_3_steps"] == 0.0, r
+    assert r["unsynced"] > 1e-4 and r["refused"], r
