@@ -167,6 +167,7 @@ def run(cfg: DictConfig) -> dict:
         # ---- checkpoint ------------------------------------------------------------------
         finished = state["step"] >= total_steps
         if finished or state["step"] % cfg.checkpoint.every_steps == 0:
+            training.check_embedding_copy(pipe, stage.name)
             training.save_checkpoint(run_dir, state["step"], parts, opts, state, cfg.checkpoint.keep_last)
 
     log.close()
