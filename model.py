@@ -177,6 +177,12 @@ class AXK1Model(DeepSeekV3Model):
             if p.context_parallel_degree > 1 or p.pipeline_parallel_degree > 1:
                 runtime = copy.copy(config)
                 runtime.parallelism = dataclasses.replace(p, context_parallel_degree=1, pipeline_parallel_degree=1)
+                if p.context_parallel_degree > 1 and getattr(config, "training", None) is not None:
+                    # CP shards the tokens before MoE: EP dispatch buffers (DeepEP) are sized for this
+                    # rank's seq_len/cp, as torchtitan sizes them for its own CP. (RoPE is resized from
+                    # training.seq_len only for torchtitan's Trainer configs, which the kit never passes.)
+                    runtime.training = dataclasses.replace(
+                        config.training, seq_len=config.training.seq_len // p.context_parallel_degree)
                 config = runtime
             DeepSeekV3Model.Config.update_from_config(self, config=config, **kwargs)
 

@@ -107,6 +107,27 @@ def test_torchtitan_cp_hooks_the_kit_steps_around_are_still_there():
     assert "context_parallel_degree" in MTPDecoder.Config.update_from_config.__code__.co_names
 
 
+def test_cp_sizes_ep_dispatch_buffers_for_the_local_tokens():
+    """With MTP and CP the model config bypasses torchtitan's MTP/CP refusal by presenting cp=1;
+    the DeepEP dispatcher must still be sized for seq_len/cp tokens per rank (micro 4 x 512 / 2)."""
+    import dataclasses
+
+    from torchtitan.config import ParallelismConfig, TrainingConfig
+
+    import model as axk1
+
+    cfg = axk1.build_model_config(axk1.load_model_cfg("tiny"), attention="sdpa", moe_comm_backend="deepep")
+
+    class Runtime:
+        parallelism = ParallelismConfig(context_parallel_degree=2, expert_parallel_degree=2)
+        training = TrainingConfig(seq_len=512, local_batch_size=4)
+    cfg.update_from_config(config=Runtime())
+    caps = {layer.moe.routed_experts.token_dispatcher.num_max_tokens_per_rank
+            for layer in cfg.layers + cfg.mtp_layers if layer.moe is not None}
+    assert caps == {4 * 512 // 2}, caps
+    assert Runtime.training.seq_len == 512 and dataclasses.is_dataclass(Runtime.training)  # caller's config untouched
+
+
 def test_cp_layouts_validate_with_mtp_and_sdpa():
     cfg = compose_cfg(overrides=["parallelism=cpu_cp_ep", "stage=pretrain_s3_16k"])
     assert configs.errors(cfg, 2) == [] and configs.loop_errors(cfg) == []
