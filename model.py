@@ -56,24 +56,33 @@ class AXK1Router(TokenChoiceTopKRouter):
         return topk_scores, topk_ids, scores
 
 
-def sequence_balance_loss(scores_BLE: torch.Tensor, ids_BLK: torch.Tensor, cp_group=None) -> torch.Tensor:
+def sequence_balance_loss(scores_BLE: torch.Tensor, ids_BLK: torch.Tensor, cp_group=None,
+                          valid_BL: torch.Tensor | None = None) -> torch.Tensor:
     """DeepSeek-V3's complementary sequence-wise balance loss, averaged over sequences.
 
     f_i = E / (K * L) * #tokens of the sequence routed to expert i, P_i = mean over the
     sequence of the normalised affinity s_i / sum_j s_j; loss = sum_i f_i * P_i (1 at balance).
     Under context parallel (`cp_group`) a sequence's tokens are spread over the CP ranks: the
     per-sequence sums run over the whole sequence, gradients go to each rank's own tokens.
+    With valid_BL, L counts only real tokens: padding is not part of any sequence, and a row
+    of padding only is left out of the mean.
     """
-    _, L, E = scores_BLE.shape
+    B, L, E = scores_BLE.shape
     K = ids_BLK.shape[-1]
-    hits_BE = torch.zeros_like(scores_BLE).scatter_(-1, ids_BLK, 1.0).sum(dim=1)
-    p_sum_BE = (scores_BLE / scores_BLE.sum(dim=-1, keepdim=True)).sum(dim=1)
+    v_BL1 = torch.ones(B, L, 1, dtype=scores_BLE.dtype, device=scores_BLE.device) if valid_BL is None \
+        else valid_BL.to(scores_BLE.dtype).unsqueeze(-1)
+    hits_BE = (torch.zeros_like(scores_BLE).scatter_(-1, ids_BLK, 1.0) * v_BL1).sum(dim=1)
+    p_sum_BE = (scores_BLE / scores_BLE.sum(dim=-1, keepdim=True) * v_BL1).sum(dim=1)
+    n_B1 = v_BL1.sum(dim=1)
     if cp_group is not None:
         hits_BE = context_parallel.sum_over_sequence_ranks(hits_BE, cp_group)
         p_sum_BE = context_parallel.sum_over_sequence_ranks(p_sum_BE, cp_group)
-        L = L * torch.distributed.get_world_size(cp_group)
-    f_BE = hits_BE * (E / (K * L))
-    return (f_BE * p_sum_BE / L).sum(dim=-1).mean()
+        n_B1 = context_parallel.sum_over_sequence_ranks(n_B1, cp_group)
+    live_B = (n_B1 > 0).squeeze(-1).to(scores_BLE.dtype)
+    n_B1 = n_B1.clamp(min=1.0)
+    f_BE = hits_BE * E / (K * n_B1)
+    per_seq_B = (f_BE * p_sum_BE / n_B1).sum(dim=-1)
+    return (per_seq_B * live_B).sum() / live_B.sum().clamp(min=1.0)
 
 
 class _AttachAuxLoss(torch.autograd.Function):
@@ -108,6 +117,7 @@ class AXK1MoE(MoE):
         self.load_balance_coeff = config.bias_update_rate
         self.aux_loss_alpha = config.aux_loss_alpha
         self.aux_grad_scale = 1.0  # 1 / micro-batches, set by the training loop
+        self.aux_token_mask = None  # [B, L] real (non-pad) tokens of the next forward, set by the loop
         self.last_aux_loss = None  # detached, for logging
         self.cp_group = None  # the context-parallel group a sequence is split over (context_parallel.apply)
 
@@ -115,8 +125,12 @@ class AXK1MoE(MoE):
         out = super().forward(x_BLD)
         if not (self.training and self.aux_loss_alpha > 0):
             return out
+        mask = self.aux_token_mask
+        if mask is not None and tuple(mask.shape) != tuple(x_BLD.shape[:2]):
+            mask = None  # not this forward's rows (e.g. a pipeline micro-batch): count every token
         aux = self.aux_loss_alpha * sequence_balance_loss(
-            self.router.last_scores_BLE, self.router.last_ids_BLK, self.cp_group
+            self.router.last_scores_BLE, self.router.last_ids_BLK, self.cp_group,
+            None if mask is None else mask.to(x_BLD.device)
         )
         self.last_aux_loss = aux.detach()
         return _AttachAuxLoss.apply(out, aux, self.aux_grad_scale)

@@ -59,8 +59,13 @@ def gspo_loss(logp_new, logp_old, mask, advantages, eps_low: float, eps_high: fl
     loss = -(per_seq * w).sum() / w.sum().clamp(min=1e-12)
     with torch.no_grad():
         hit = ((s < 1.0 - eps_low) & (advantages < 0)) | ((s > 1.0 + eps_high) & (advantages > 0))
+        m = mask.to(logp_new.dtype)
         stats = {"ratio_mean": float(s[live].mean()) if live.any() else 1.0,
-                 "clip_frac": float(hit[live].float().mean()) if live.any() else 0.0}
+                 "clip_frac": float(hit[live].float().mean()) if live.any() else 0.0,
+                 # how far the policy has moved from the sampling one: mean |log ratio| per token
+                 # and per sequence (what the clip range acts on)
+                 "token_drift": float(((logp_new - logp_old).abs() * m).sum() / m.sum().clamp(min=1.0)),
+                 "seq_log_ratio_abs": float(torch.log(s[live]).abs().mean()) if live.any() else 0.0}
     return loss, stats
 
 

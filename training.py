@@ -296,6 +296,13 @@ def set_aux_grad_scale(net: torch.nn.Module, scale: float) -> None:
         moe.aux_grad_scale = scale
 
 
+def set_aux_token_mask(net: torch.nn.Module, valid: torch.Tensor | None) -> None:
+    """[B, L] bool of the real tokens of the next forward (None: all): the sequence-wise
+    balance loss leaves padding out."""
+    for moe in axk1.moe_layers(net):
+        moe.aux_token_mask = valid
+
+
 def aux_loss_value(net: torch.nn.Module) -> float:
     vals = [m.last_aux_loss for m in axk1.moe_layers(net) if m.last_aux_loss is not None]
     return float(sum(vals)) if vals else 0.0

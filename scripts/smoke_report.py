@@ -17,12 +17,41 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stages import report  # noqa: E402  the plotting code of `make report`
+from stages.evaluate import bootstrap_ci  # noqa: E402
 
 PRETRAIN = ["pretrain_s1", "pretrain_s2", "pretrain_s3_16k", "pretrain_s3_32k"]
 SFT = ["sft_instruct", "sft_reasoning", "mod_sft"]
 COLS = [("well_formed", "well-formed", "{:.2f}"), ("mode_obeyed", "obeyed mode", "{:.2f}"),
         ("accuracy", "accuracy", "{:.2f}"), ("mean_tokens", "mean tokens", "{:.1f}"),
-        ("reward", "mean reward", "{:+.2f}"), ("heldout_nll", "held-out NLL", "{:.3f}")]
+        ("reward", "mean reward", "{:+.2f}"), ("heldout_nll", "held-out NLL", "{:.3f}"),
+        ("sampled_reward", "sampled reward [95% CI]", "ci"), ("sampled_accuracy", "sampled accuracy", "ci"),
+        ("sampled_malformed", "sampled malformed", "ci")]
+BOOT, SEED = 2000, 0  # paired-bootstrap resamples of the held-out prompts for the claims
+
+
+def cell(v: dict, key: str, fmt: str) -> str:
+    if key not in v:
+        return "-"
+    if fmt != "ci":
+        return fmt.format(v[key])
+    lo, hi = v[f"{key}_ci"]
+    return f"{v[key]:+.2f} [{lo:+.2f}, {hi:+.2f}]" if key == "sampled_reward" else f"{v[key]:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def per_prompt(row: dict, key: str) -> list[float] | None:
+    """Per-prompt sampled means of `key` averaged over modes (prompts are the same in every row)."""
+    modes = [v for v in row.values() if isinstance(v, dict)]
+    if not all("sampled_per_prompt" in v for v in modes):
+        return None
+    cols = [v["sampled_per_prompt"][key] for v in modes]
+    return [sum(x) / len(x) for x in zip(*cols)]
+
+
+def paired(rows: dict, a: str, b: str, key: str) -> tuple[float, float, float] | None:
+    """Mean over prompts of a - b for the sampled `key` (mean over modes), with its paired
+    bootstrap 95% interval; None when either row has no sampled figures."""
+    x, y = per_prompt(rows[a], key), per_prompt(rows[b], key)
+    return None if x is None or y is None else bootstrap_ci(x, BOOT, SEED, baseline=y)
 
 
 def read_jsonl(p: Path) -> list[dict]:
@@ -64,15 +93,44 @@ def claims(rows: dict) -> list[str]:
             f"outputs well formed ({t['mean_tokens']:.1f} tokens)")
     if "merged" in rows:
         for label in ("MOD", "RL"):
-            if label in rows:
+            if label not in rows:
+                continue
+            d = paired(rows, label, "merged", "malformed")
+            if d is not None:
+                say(d[2] < 0, f"{label} has fewer mode/format errors than merged: sampled malformed share "
+                    f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}] vs merged (paired bootstrap 95% interval over prompts, "
+                    f"mean over modes; greedy: {errors(rows[label]):.1%} vs {errors(rows['merged']):.1%})")
+            else:  # merged has greedy figures only (evaluate.yaml sampled.checkpoints)
                 say(errors(rows[label]) < errors(rows["merged"]),
                     f"{label} has fewer mode/format errors than merged: {errors(rows[label]):.1%} vs "
-                    f"{errors(rows['merged']):.1%} malformed outputs (mean over modes)")
+                    f"{errors(rows['merged']):.1%} malformed outputs (greedy, mean over modes; no interval)")
     if "MOD" in rows and "RL" in rows:
-        say(mean_over_modes(rows["RL"], "reward") > mean_over_modes(rows["MOD"], "reward"),
-            f"RL's mean reward is above MOD's: {mean_over_modes(rows['RL'], 'reward'):+.3f} vs "
-            f"{mean_over_modes(rows['MOD'], 'reward'):+.3f} (mean over modes, held-out prompts, greedy)")
+        d = paired(rows, "RL", "MOD", "reward")
+        if d is not None:
+            say(d[1] > 0, f"RL's sampled held-out reward is above MOD's: difference {d[0]:+.3f} "
+                f"[{d[1]:+.3f}, {d[2]:+.3f}] (paired bootstrap 95% interval over prompts, mean over modes; "
+                f"greedy {mean_over_modes(rows['RL'], 'reward'):+.3f} vs {mean_over_modes(rows['MOD'], 'reward'):+.3f})")
+        d = paired(rows, "RL", "MOD", "accuracy")
+        if d is not None:
+            say(d[1] > 0, f"RL's sampled held-out accuracy is above MOD's: difference {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]")
+        d = paired(rows, "RL", "MOD", "malformed")
+        if d is not None:
+            say(d[0] <= 0, f"RL's malformed outputs are no more frequent than MOD's: sampled malformed share "
+                f"difference {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]")
+        nll = {m: (rows["RL"][m]["heldout_nll"], rows["MOD"][m]["heldout_nll"]) for m in rows["RL"]
+               if isinstance(rows["RL"][m], dict)}
+        say(all(r <= 1.1 * b for r, b in nll.values()),
+            "RL's held-out NLL is at most 10% above MOD's: " + ", ".join(
+                f"{m} {r:.3f} vs {b:.3f} ({r / b - 1:+.1%})" for m, (r, b) in nll.items()))
     return out
+
+
+def sampled_note(rows: dict) -> str:
+    v = next((v for r in rows.values() for v in r.values() if isinstance(v, dict) and "sampled_n" in v), None)
+    if v is None:
+        return "no sampled figures in this evaluation"
+    return (f"{v['sampled_n']} samples per prompt at temperature {v['sampled_temperature']} (the RL "
+            "temperature and token budget), per-prompt means, bootstrap 95% interval over prompts in brackets")
 
 
 def main() -> None:
@@ -95,7 +153,7 @@ def main() -> None:
     head = "| checkpoint | " + " | ".join(f"{m} {c[1]}" for m in modes for c in COLS) + " |"
     lines = [head, "|" + "---|" * (1 + len(modes) * len(COLS))]
     for label, r in rows.items():
-        lines.append(f"| {label} | " + " | ".join(c[2].format(r[m][c[0]]) for m in modes for c in COLS) + " |")
+        lines.append(f"| {label} | " + " | ".join(cell(r[m], c[0], c[2]) for m in modes for c in COLS) + " |")
     elapsed = ""
     if a.start_file and Path(a.start_file).exists():
         secs = time.time() - float(Path(a.start_file).read_text().strip())
@@ -108,7 +166,9 @@ def main() -> None:
             f"prompt + `</think>`, paper 4.4); greedy decoding, at most {ev['max_new_tokens']} new tokens. "
             "well-formed: the format reward is 0 (rl.split_response); obeyed mode: thinking closed a non-empty think "
             "block / non-thinking emitted no think tag; accuracy: share of the task's verifiers passed (0 when malformed); "
-            "mean reward: R_correct + R_format + overlong shaping as in RL; held-out NLL: reference answer of that mode.\n\n"
+            "mean reward: R_correct + R_format + overlong shaping as in RL; held-out NLL: reference answer of that mode. "
+            f"sampled: {sampled_note(rows)}; a claim comparing checkpoints holds only when the paired-bootstrap "
+            "95% interval of the difference excludes zero.\n\n"
             + "\n".join(lines) + "\n\n## Claims (measured)\n\n" + "\n".join(claims(rows))
             + "\n\n## Curves\n\n![loss curves](loss_curves.png)\n\n## Sample outputs (merged, MOD, RL)\n\n" + ex + "\n")
     out.parent.mkdir(parents=True, exist_ok=True)

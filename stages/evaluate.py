@@ -6,7 +6,10 @@ For each checkpoint and each requested mode, held-out prompts end with that mode
 (x + <think> / x + </think>, paper 4.4) and are decoded greedily with the KV cache. Columns:
 well-formed share (rl.split_response), mode-obeyed share (rl.mode_obeyed), task accuracy
 (rl verifiers), mean generated tokens, mean reward (the RL reward), and the held-out NLL of the
-reference answer in that mode. No process group: checkpoints load straight from DCP.
+reference answer in that mode. Beside the greedy figures, a sampled one per mode (`sampled.n`
+samples per prompt at the RL temperature): mean reward, accuracy and malformed share with
+bootstrap 95% intervals over prompts; the per-prompt means go to metrics.json so the smoke report
+can compare checkpoints with a paired bootstrap. No process group: checkpoints load straight from DCP.
 """
 
 from __future__ import annotations
@@ -74,7 +77,49 @@ def heldout_nll(net, tok, records: list[dict], mode: str) -> float:
     return total / count if count else float("nan")
 
 
-def evaluate_checkpoint(net, tok, records: list[dict], cfg: DictConfig) -> tuple[dict, list]:
+def bootstrap_ci(values, n_boot: int, seed: int, baseline=None, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of per-prompt `values` and its percentile bootstrap interval, resampling prompts.
+    With `baseline` (the same prompts scored on another checkpoint) it is the paired bootstrap
+    of the mean difference values - baseline: one resample of prompts serves both checkpoints,
+    so prompt difficulty cancels and only the checkpoints' difference is left to vary."""
+    x = torch.as_tensor(values, dtype=torch.float64)
+    if baseline is not None:
+        x = x - torch.as_tensor(baseline, dtype=torch.float64)
+    idx = torch.randint(len(x), (n_boot, len(x)), generator=torch.Generator().manual_seed(seed))
+    means = x[idx].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return float(x.mean()), lo, hi
+
+
+def sampled_figures(net, tok, records: list[dict], mode: str, cfg: DictConfig, rcfg) -> dict:
+    """Per-prompt means over `sampled.n` samples at the RL temperature (with the RL budget of new
+    tokens), and their bootstrap intervals: what the policy RL trains actually does, with a
+    figure of its noise. Greedy rows can move by ~0.1 between settings that sample alike."""
+    sc = cfg.sampled
+    gen = torch.Generator().manual_seed(cfg.seed + 7)
+    per = {"reward": [], "accuracy": [], "malformed": []}
+    step = max(1, sc.batch_rows // sc.n)  # prompts per generate call (a wide batch costs little more per token)
+    for s in range(0, len(records), step):
+        chunk = records[s:s + step]
+        prompts = [chat_data.encode_prompt(tok, r["messages"], mode) for r in chunk for _ in range(sc.n)]
+        outs = generate.generate(net, prompts, max_new_tokens=sc.max_new_tokens, eos_id=tok.eos_token_id,
+                                 pad_id=tok.pad_token_id, temperature=sc.temperature, generator=gen)
+        for j, r in enumerate(chunk):
+            rews = []
+            for out in outs[j * sc.n:(j + 1) * sc.n]:
+                text = tok.decode(out.tokens if out.truncated else out.tokens[:-1], skip_special_tokens=False)
+                rews.append(rl.reward(text, mode, r["task"], len(out.tokens), rcfg))
+            per["reward"].append(sum(x.total for x in rews) / sc.n)
+            per["accuracy"].append(sum(x.accuracy for x in rews) / sc.n)
+            per["malformed"].append(sum(not x.well_formed for x in rews) / sc.n)
+    out = {"sampled_n": sc.n, "sampled_temperature": sc.temperature, "sampled_per_prompt": per}
+    for key, vals in per.items():
+        m, lo, hi = bootstrap_ci(vals, sc.bootstrap, cfg.seed)
+        out[f"sampled_{key}"], out[f"sampled_{key}_ci"] = m, [lo, hi]
+    return out
+
+
+def evaluate_checkpoint(net, tok, records: list[dict], cfg: DictConfig, sampled: bool = False) -> tuple[dict, list]:
     rcfg = rl.RewardConfig(**OmegaConf.to_container(cfg.reward))
     row, samples = {}, []
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -101,6 +146,8 @@ def evaluate_checkpoint(net, tok, records: list[dict], cfg: DictConfig) -> tuple
                      "mean_tokens": sum(s[2] for s in scores) / n,
                      "reward": sum(s[0].total for s in scores) / n,
                      "heldout_nll": heldout_nll(net, tok, records, mode)}
+        if sampled:
+            row[mode].update(sampled_figures(net, tok, records, mode, cfg, rcfg))
     return row, samples
 
 
@@ -115,11 +162,15 @@ def run(cfg: DictConfig) -> dict:
     for label, src in progress(list(cfg.checkpoints.items()), desc="[evaluate] checkpoints", unit="ckpt"):
         ckpt = resolve(cfg, label, src)
         load_weights(net, ckpt)
-        rows[label], samples = evaluate_checkpoint(net, tok, records, cfg)
+        rows[label], samples = evaluate_checkpoint(net, tok, records, cfg,
+                                                   sampled=cfg.sampled.n > 0 and label in cfg.sampled.checkpoints)
         rows[label]["checkpoint"] = str(ckpt)
         all_samples += [{"checkpoint": label, **s} for s in samples]
         line = "  ".join(f"{m}: wf {v['well_formed']:.2f} obey {v['mode_obeyed']:.2f} acc {v['accuracy']:.2f} "
                          f"tok {v['mean_tokens']:.1f} R {v['reward']:+.2f} nll {v['heldout_nll']:.2f}"
+                         + (f" | sampled R {v['sampled_reward']:+.2f} [{v['sampled_reward_ci'][0]:+.2f}, "
+                            f"{v['sampled_reward_ci'][1]:+.2f}] malformed {v['sampled_malformed']:.2f}"
+                            if "sampled_reward" in v else "")
                          for m, v in rows[label].items() if isinstance(v, dict))
         print(f"[evaluate] {label:9s} {line}", flush=True)
     result = {"prompts": len(records), "data": report, "max_new_tokens": cfg.max_new_tokens,

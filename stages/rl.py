@@ -33,17 +33,42 @@ import training  # noqa: E402
 
 def token_logprobs(net, seqs: list[list[int]], pad_id: int) -> torch.Tensor:
     """[B, T-1] log-prob of each next token under `net` (right-padded; pad rows are their own
-    document via positions restarting at 0, so they never mix with real tokens)."""
+    document via positions restarting at 0, so they never mix with real tokens, and the MoE
+    balance loss counts real tokens only, as SFT's packed rows do)."""
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     pos = torch.zeros(len(seqs), T, dtype=torch.long)
+    valid = torch.zeros(len(seqs), T, dtype=torch.bool)
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = torch.tensor(s)
         pos[i, :len(s)] = torch.arange(len(s))
         pos[i, len(s):] = torch.arange(T - len(s))
+        valid[i, :len(s)] = True
+    training.set_aux_token_mask(net, valid)
     logits = net(ids, pos, net.get_attention_masks(pos))
+    training.set_aux_token_mask(net, None)
     logits = logits[0] if isinstance(logits, list) else logits
     return torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+
+def rl_lr(o: DictConfig, stage: DictConfig, b: DictConfig, step: int) -> float:
+    """optim.lr x lr_factor, warmed up linearly over the budget's warmup_steps RL steps (a fresh
+    AdamW's first steps are full-size sign steps: see conf/stage/rl.yaml)."""
+    return o.lr * stage.lr_factor * min(1.0, (step + 1) / max(1, b.warmup_steps))
+
+
+def policy_step(net, opt, seqs, mask, old, adv, R: DictConfig, grad_clip: float, dp_size: int,
+                pad_id: int) -> dict:
+    """One optimizer step on the GSPO loss of this rank's share of a minibatch."""
+    # one forward per step on each rank: the balance loss's share is 1/dp like the GSPO loss's
+    training.set_aux_grad_scale(net, 1.0 / dp_size)
+    new = token_logprobs(net, seqs, pad_id)
+    loss, st = rl.gspo_loss(new, old, mask, adv, R.eps_low, R.eps_high, R.aggregation)
+    (loss / dp_size).backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip, foreach=True)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return {"loss": loss.item(), "grad_norm": float(gnorm), **st}
 
 
 def run(cfg: DictConfig) -> dict:
@@ -66,6 +91,8 @@ def run(cfg: DictConfig) -> dict:
     # ---- data: prompts x each become x + <think> and x + </think> (paper 4.4) -------------
     tok = tokmod.load_tokenizer(cfg.tokenizer_dir)
     records, report = chat_data.load_posttrain(cfg.posttrain_data, stage.dataset)
+    if not records:
+        raise ValueError(f"stage/{stage.name}.yaml dataset={stage.dataset}: no usable prompts ({json.dumps(report['bad'])})")
     dp_size = pdims.dp_replicate * pdims.dp_shard
     records = records[rank % dp_size::dp_size] if dp_size > 1 else records
     items = [(r, m) for r in records for m in rl.MODES]
@@ -106,8 +133,9 @@ def run(cfg: DictConfig) -> dict:
     while state["step"] < b.steps:
         if cfg.max_steps is not None and steps_run >= cfg.max_steps:
             break
+        lr = rl_lr(o, stage, b, state["step"])
         for group in opt.param_groups:
-            group["lr"] = o.lr * stage.lr_factor
+            group["lr"] = lr
         generate.sync_weights(net, policy)  # rollouts come from the weights being trained
         t0 = time.perf_counter()
         all_groups = []
@@ -130,7 +158,7 @@ def run(cfg: DictConfig) -> dict:
         seqs_all = [s["prompt"] + s["out"].tokens for s in samples]
         with torch.no_grad():
             old_all = token_logprobs(net, seqs_all, tok.pad_token_id) if samples else None
-        losses, clips = [], []
+        stats = []
         for idx in chunks:
             if idx:
                 seqs = [seqs_all[i] for i in idx]
@@ -141,27 +169,21 @@ def run(cfg: DictConfig) -> dict:
                     if not (R.overlong_filter and s["out"].truncated):
                         n_p = len(s["prompt"])
                         mask[row, n_p - 1:n_p - 1 + len(s["out"].tokens)] = 1.0  # targets = generated tokens
-                new = token_logprobs(net, seqs, tok.pad_token_id)
-                old = old_all[idx, :T]
-                a = adv[idx]
-            else:
-                seqs, mask = [[tok.pad_token_id] * 2], torch.zeros(1, 1)
-                new = token_logprobs(net, seqs, tok.pad_token_id)
-                old, a = new.detach(), torch.zeros(1)
-            loss, st = rl.gspo_loss(new, old, mask, a, R.eps_low, R.eps_high, R.aggregation)
-            (loss / dp_size).backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), o.grad_clip, foreach=True)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            clips.append(st["clip_frac"])
+                old, a = old_all[idx, :T], adv[idx]
+            else:  # a dummy row with a zero mask: no gradient, collectives stay in step
+                seqs, mask, a = [[tok.pad_token_id] * 2], torch.zeros(1, 1), torch.zeros(1)
+                with torch.no_grad():
+                    old = token_logprobs(net, seqs, tok.pad_token_id)
+            stats.append(policy_step(net, opt, seqs, mask, old, a, R, o.grad_clip, dp_size, tok.pad_token_id))
 
         # ---- metrics over everything sampled this step (the current policy's behaviour) ------
         flat = [s for g in all_groups for s in g]
         per_mode = {m: [s for s in flat if s["mode"] == m] for m in rl.MODES}
         rec = dict(step=state["step"] + 1, reward=sum(s["reward"].total for s in flat) / max(1, len(flat)),
                    accuracy=sum(s["reward"].accuracy for s in flat) / max(1, len(flat)),
-                   loss=sum(losses) / len(losses), clip_frac=sum(clips) / len(clips), gen_s=t_gen,
+                   lr=lr, gen_s=t_gen, **{k: sum(st[k] for st in stats) / len(stats) for k in ("loss", "clip_frac", "grad_norm")},
+                   # the off-policy minibatches see what the previous steps did to the policy
+                   drift_token=stats[-1]["token_drift"], drift_seq=stats[-1]["seq_log_ratio_abs"],
                    truncated=sum(s["out"].truncated for s in flat) / max(1, len(flat)), **ds)
         for m, ss in per_mode.items():
             if ss:
@@ -176,7 +198,8 @@ def run(cfg: DictConfig) -> dict:
                 f"[{stage.name}] step {state['step']:3d}/{b.steps} reward {rec['reward']:+.3f} acc {rec['accuracy']:.3f} "
                 f"fmt_err think {rec.get('format_error_thinking', float('nan')):.2f} "
                 f"direct {rec.get('format_error_non_thinking', float('nan')):.2f} kept {ds['groups_kept']}/"
-                f"{ds['prompts_tried']} loss {rec['loss']:+.4f} gen {t_gen:.1f}s step {rec['step_s']:.1f}s")
+                f"{ds['prompts_tried']} loss {rec['loss']:+.4f} lr {lr:.1e} drift {rec['drift_token']:.4f} "
+                f"clip {rec['clip_frac']:.2f} gen {t_gen:.1f}s step {rec['step_s']:.1f}s")
         if not math.isfinite(rec["loss"]):
             raise FloatingPointError(f"[{stage.name}] loss is {rec['loss']} at step {state['step']}")
 
