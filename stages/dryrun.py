@@ -84,17 +84,23 @@ def local_numel(t: torch.Tensor) -> int:
     return t.to_local().numel() if isinstance(t, DTensor) else t.numel()
 
 
-def fsdp_units(parts: list[torch.nn.Module]) -> list[int]:
-    """Unsharded elements of each FSDP unit (the parameters one fully_shard call manages)."""
+def fsdp_units(parts: list[torch.nn.Module]) -> list[tuple[int, int]]:
+    """(unsharded elements, of which FP8-cast Linear weights) of each FSDP unit (the parameters
+    one fully_shard call manages)."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    fp8_ids = {id(t) for part in parts for mod in part.modules() if isinstance(mod, Float8Linear)
+               for t in mod.parameters(recurse=False)}
     units = []
     for part in parts:
         for mod in part.modules():
             if isinstance(mod, FSDPModule):
                 # one unit may hold two groups (dense params on fsdp, experts on efsdp x ep)
-                groups = mod._get_fsdp_state()._fsdp_param_groups
-                n = sum(fsdp_unsharded_numel(fp.sharded_param) for g in groups for fp in g.fsdp_params)
+                fps = [fp for g in mod._get_fsdp_state()._fsdp_param_groups for fp in g.fsdp_params]
+                n = sum(fsdp_unsharded_numel(fp.sharded_param) for fp in fps)
+                n8 = sum(fsdp_unsharded_numel(fp.sharded_param) for fp in fps if id(fp.sharded_param) in fp8_ids)
                 if n:
-                    units.append(n)
+                    units.append((n, n8))
     return units
 
 
@@ -145,6 +151,7 @@ def memory_plan(cfg: DictConfig, parts: list[torch.nn.Module], stage: int, n_mic
     device = "cpu" if hw.device == "cpu" else "cuda"
     n_local = sum(local_numel(t) for part in parts for t in part.parameters())
     units = fsdp_units(parts)
+    sizes = [n for n, _ in units]
     out = {}
     # FSDP2 keeps the sharded parameter in its storage dtype: the FP32 master weights (paper 3.5).
     out["params"] = n_local * 4
@@ -158,17 +165,18 @@ def memory_plan(cfg: DictConfig, parts: list[torch.nn.Module], stage: int, n_mic
         # torchtitan turns reshard_after_forward off under PP, and the pipeline stage disables
         # gradient sync until the last micro-batch: every unit stays gathered (param dtype) and its
         # gradients accumulate unsharded in reduce_dtype (FSDPParam.unsharded_accumulated_grad).
-        out["fsdp_params"] = sum(units) * param_b
-        out["fsdp_grads"] = sum(units) * reduce_b
+        out["fsdp_params"] = sum(sizes) * param_b
+        out["fsdp_grads"] = sum(sizes) * reduce_b
     else:
         # resharded after each use: the unit in use plus the one prefetched, and one unit's
         # gradients before their reduce-scatter
-        top = sorted(units, reverse=True)[:2]
+        top = sorted(sizes, reverse=True)[:2]
         out["fsdp_params"] = sum(top) * param_b
         out["fsdp_grads"] = (top[0] if top else 0) * reduce_b
-    # FP8 (torchao tensorwise): the largest unit's weights cast to E4M3 for the forward GEMM and
-    # their transposed cast for the backward, one unit at a time (scales are per tensor: scalars).
-    out["fp8"] = 2 * max(units, default=0) if hw.float8 else 0
+    # FP8 (torchao tensorwise, Float8Linear modules; routed experts stay BF16): the E4M3 cast of a
+    # unit's weights for the forward GEMM and the transposed cast for the backward, one unit at a
+    # time, at 1 byte each (scales are per tensor: scalars)
+    out["fp8"] = 2 * max((n8 for _, n8 in units), default=0) if hw.float8 else 0
 
     layers, head, mtp = stage_contents(parts)
     tokens_seq = b.seq_len // p.cp                     # a CP rank holds 1/cp of each sequence

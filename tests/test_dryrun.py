@@ -26,7 +26,7 @@ def dryrun(*overrides: str) -> dict:
 
 
 def test_tiny_pp2_ep2_on_8_fake_ranks_accounts_for_every_parameter():
-    res = dryrun()
+    res = dryrun("++optim.moment_dtype=float32")
     assert res["world"] == 8 and [s["stage"] for s in res["stages"]] == [0, 1]
     m = model.load_model_cfg("tiny")
     c = perf_model.param_counts(m)
