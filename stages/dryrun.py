@@ -45,24 +45,18 @@ PARTS = ("params", "buffers", "grads", "optimizer", "fsdp_params", "fsdp_grads",
 # ----------------------------------------------------------------------------------------
 # Rank kinds: one global rank per (PP stage, EP rank, CP rank), found in torchtitan's mesh order.
 # ----------------------------------------------------------------------------------------
-def rank_for(p: DictConfig, world: int, stage: int, ep_rank: int, cp_rank: int) -> int:
-    """torchtitan unflattens the world row-major: (pp, batch, cp, tp) and (pp, dp_rep, efsdp, ep),
-    so inside a stage's block the EP rank is j % ep and the CP rank (j // tp) % cp. The smallest
-    such j is also FSDP rank 0, whose shard is the largest when a dimension does not divide."""
+def rank_kinds(p: DictConfig, world: int) -> list[tuple[int, int]]:
+    """(PP stage, global rank) to build: every stage's first rank; on the first and last stage also
+    the ranks that end the first EP group and the first CP group, and the stage's last rank.
+    torchtitan unflattens the world row-major with pp outermost and EP innermost over
+    dp_shard x cp, so these reach the last EP and CP coordinates (all EP/CP ranks of a stage hold
+    equal shapes, num_experts % ep == 0 and CP shards only activations: the corners check that;
+    the table merges equal rows). A stage's first rank is also FSDP rank 0, whose shard is the
+    largest when a dimension does not divide."""
     block = world // p.pp
-    for j in range(block):
-        if j % p.ep == ep_rank and (j // p.tp) % p.cp == cp_rank:
-            return stage * block + j
-    raise configs.ConfigError(f"no rank with ep={ep_rank} cp={cp_rank} in a block of {block} ranks")
-
-
-def rank_kinds(p: DictConfig) -> list[tuple[int, int, int]]:
-    """Every PP stage at EP rank 0, CP rank 0; the first and last stage also at the last EP and CP
-    ranks. All EP/CP ranks of a stage hold equal shapes (num_experts % ep == 0; CP shards only
-    activations): the extra corners check that (the table merges equal rows)."""
-    kinds = [(s, 0, 0) for s in range(p.pp)]
-    corners = sorted({(e, c) for e in (0, p.ep - 1) for c in (0, p.cp - 1)} - {(0, 0)})
-    return kinds + [(s, e, c) for s in sorted({0, p.pp - 1}) for e, c in corners]
+    offsets = sorted({0, p.ep - 1, p.cp * p.tp - 1, block - 1})
+    return [(s, s * block) for s in range(p.pp)] + \
+        [(s, s * block + j) for s in sorted({0, p.pp - 1}) for j in offsets if j]
 
 
 # ----------------------------------------------------------------------------------------
@@ -235,15 +229,19 @@ def main(cfg: DictConfig) -> None:
         p.moe_comm_backend = "standard"
 
     rows, seen = [], {}
-    for stage, ep_rank, cp_rank in rank_kinds(p):
-        rank = rank_for(p, world, stage, ep_rank, cp_rank)
+    for stage, rank in rank_kinds(p, world):
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
         try:
-            parts, _, _, pdims, _ = training.build_model_parts(cfg, world, bias_update_rate=cfg.stage.bias_update_rate,
-                                                               seed=cfg.seed, meta=True)
-            got = [pdims.get_mesh(d).get_local_rank() if pdims.get_optional_mesh(d) is not None else 0
-                   for d in ("pp", "ep", "cp")]
-            assert got == [stage if p.pp > 1 else 0, ep_rank, cp_rank], (got, stage, ep_rank, cp_rank)
+            try:
+                parts, _, _, pdims, _ = training.build_model_parts(
+                    cfg, world, bias_update_rate=cfg.stage.bias_update_rate, seed=cfg.seed, meta=True)
+            except (NotImplementedError, ValueError) as e:  # torchtitan refuses the layout itself
+                msg = str(e).splitlines()[0]
+                raise SystemExit(f"dry run: rank {rank} (stage {stage}) cannot be built by the trainer: "
+                                 f"{type(e).__name__}: {msg}") from None
+            pp_rank, ep_rank, cp_rank = [pdims.get_mesh(d).get_local_rank() if pdims.get_optional_mesh(d) is not None
+                                         else 0 for d in ("pp", "ep", "cp")]
+            assert pp_rank == (stage if p.pp > 1 else 0), (pp_rank, stage)
             plan = memory_plan(cfg, parts, stage, n_micro)
             layers, head, mtp = stage_contents(parts)
         finally:
