@@ -108,8 +108,8 @@ def build_model_parts(cfg: DictConfig, world_size: int, *, bias_update_rate: flo
     spec = axk1.model_registry(cfg.model, attention=hw.attention, moe_comm_backend=p.moe_comm_backend,
                                expert_gemm_dtype=hw.expert_gemm_dtype, expert_fuse_gate_up=hw.expert_fuse_gate_up,
                                bias_update_rate=bias_update_rate, ce_chunk_tokens=p.get("ce_chunk_tokens", 0))
-    if hw.float8 and not meta:  # torchtitan's converter refuses GPUs without FP8 (and the fake world)
-        spec.model = float8_converter(hw).build().convert(spec.model)
+    if hw.float8:  # meta (the dry run, no FP8 GPU here): torchao's emulation builds the same modules
+        spec.model = float8_converter(hw, emulate=meta).build().convert(spec.model)
     parallelism = torchtitan_parallelism(cfg, world_size)
     dist_utils.set_spmd_backend(parallelism.spmd_backend)  # as torchtitan's Trainer does
 
@@ -279,7 +279,7 @@ def clip_grad_norm(parts: list[torch.nn.Module], pipe, max_norm: float, parallel
                            pp_mesh=parallel_dims.get_optional_mesh("pp"), ep_enabled=parallel_dims.ep_enabled)
 
 
-def float8_converter(hw: DictConfig):
+def float8_converter(hw: DictConfig, emulate: bool = False):
     """hardware.float8 -> torchtitan's Float8LinearConverter config. Paper 3.5: per-tensor
     (tensorwise) scaling, E4M3 forward / E5M2 backward (torchao's `tensorwise` recipe). The head
     and the router gate stay in high precision (DeepSeek-V3 report 3.3.1 keeps the output head
@@ -288,7 +288,8 @@ def float8_converter(hw: DictConfig):
 
     if hw.get("float8_recipe", "tensorwise") != "tensorwise":
         raise ValueError(f"hardware/{hw.name}.yaml float8_recipe={hw.float8_recipe!r}: expected tensorwise (paper 3.5)")
-    return Float8LinearConverter.Config(recipe_name="tensorwise", filter_fqns=["lm_head", "router.gate"])
+    return Float8LinearConverter.Config(recipe_name="tensorwise", filter_fqns=["lm_head", "router.gate"],
+                                        emulate=emulate)
 
 
 def set_aux_grad_scale(net: torch.nn.Module, scale: float) -> None:
