@@ -262,13 +262,14 @@ def main(cfg: DictConfig) -> None:
           f"moments {cfg.optim.get('moment_dtype', 'float32')}, FP8 {hw.float8}\n")
     print(f"Per GPU, {unit}. params/grads: FP32 shards; fsdp_*: gathered parameters and accumulated gradients; "
           f"activations: per micro-batch x in flight\n")
-    print("| stage | EP,CP ranks | layers | act/mb x in flight | " + " | ".join(PARTS) + f" | total {unit} | fits |")
+    print("| stage | ranks (EP,CP) | layers | act/mb x in flight | " + " | ".join(PARTS) +
+          f" | total {unit} | fits |")
     print("|---|---|---|---|" + "---|" * len(PARTS) + "---|---|")
     for r in rows:
         span = f"{r['layers'][0]}-{r['layers'][-1]}" if r["layers"] else "-"
         span += " +head" if r["head"] else ""
         span += f" +{r['mtp']} MTP" if r["mtp"] else ""
-        ranks = " ".join(f"{e},{c}" for _, e, c in r["ranks"])
+        ranks = " ".join(f"{g} ({e},{c})" for g, e, c in r["ranks"])
         act = f"{r['act_per_microbatch'] / scale:.2f} x {r['in_flight']:g}"
         print(f"| {r['stage']} | {ranks} | {span} | {act} | " + " | ".join(f"{r[k] / scale:.1f}" for k in PARTS) +
               f" | {r['total'] / scale:.1f} | {r['total'] <= cap} |")
