@@ -131,3 +131,21 @@ export: setup
 
 import: setup
 	$(PYTHON) stages/import_hf.py model=$(MODEL) hf=$(HF) out=$(OUT) $(ARGS)
+
+# vLLM serving (issue 10): .venv-vllm holds vLLM's CPU build with its own pins (requirements-vllm.lock);
+# `make serve CKPT=...` exports the checkpoint if needed and starts the OpenAI-compatible server on
+# 127.0.0.1:8000 (ARGS="host=... port=..."; a non-loopback host needs $$VLLM_API_KEY).
+VLLM_VENV := .venv-vllm
+.PHONY: serve-setup serve
+
+$(VLLM_VENV)/.installed: requirements-vllm.lock
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q --no-deps -r requirements-vllm.lock
+	$(VLLM_VENV)/bin/python -c "import torch, vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $@
+
+serve-setup: $(VLLM_VENV)/.installed
+
+serve: setup serve-setup
+	$(PYTHON) stages/serve.py model=$(MODEL) $(if $(CKPT),ckpt=$(CKPT)) $(ARGS)

@@ -45,6 +45,7 @@ from torchtitan.models.deepseek_v3.state_dict_adapter import DeepSeekV3StateDict
 import merge
 import model as axk1
 import tokenizer as tokmod
+import training
 from progress import progress
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -313,6 +314,21 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, model_cfg: DictConfig, 
     os.replace(tmp, out)
     return {"out": str(out), "shards": len(shards), "bytes": total, "seconds": time.perf_counter() - t0,
             "peak_held_bytes": peak}
+
+
+def resolve_checkpoint(ckpt: str | None, stages: list[str], runs: Path) -> tuple[Path, str]:
+    """(DCP dir, name) for `ckpt` (a checkpoint dir, a run dir or a stage name under `runs`), or for
+    the first finished stage of `stages` (conf/export.yaml lists the smoke chain, last stage first)."""
+    for name in [ckpt] if ckpt else list(stages):
+        p = Path(str(name))
+        if (p / ".metadata").exists():
+            return p, p.name
+        for run in (runs / str(name), p):
+            latest = training.latest_checkpoint(run) if run.is_dir() else None
+            if latest is not None and (run == p or (run / "DONE.json").exists()):
+                return latest, run.name
+    where = f"ckpt={ckpt}" if ckpt else f"none of stages={list(stages)} has finished"
+    raise FileNotFoundError(f"conf/export.yaml {where}: no DCP checkpoint under {runs}")
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Mode-control evaluation of checkpoints (issue 4): config -> checkpoints -> generate -> score.
 
     python stages/evaluate.py                  # base, instruct, reasoning, merged, MOD, RL rows
+    python stages/evaluate.py endpoint=http://127.0.0.1:8000   # a served model (make serve), same table
 
 For each checkpoint and each requested mode, held-out prompts end with that mode's control tag
 (x + <think> / x + </think>, paper 4.4) and are decoded greedily with the KV cache. Columns:
@@ -14,6 +15,7 @@ can compare checkpoints with a paired bootstrap. No process group: checkpoints l
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -27,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import chat_data  # noqa: E402
+from endpoint import Endpoint, EndpointError  # noqa: E402
 import generate  # noqa: E402
 import rl  # noqa: E402
 import tokenizer as tokmod  # noqa: E402
@@ -57,6 +60,11 @@ def load_weights(net: torch.nn.Module, ckpt: Path) -> None:
     net.load_state_dict(sd)
 
 
+def decode(net):
+    """The kit's KV-cached decoder for a checkpoint, the server's completions for an endpoint."""
+    return net.complete if isinstance(net, Endpoint) else functools.partial(generate.generate, net)
+
+
 @torch.no_grad()
 def heldout_nll(net, tok, records: list[dict], mode: str) -> float:
     """Mean per-token NLL of the reference answer (response tokens only) in `mode`."""
@@ -66,13 +74,16 @@ def heldout_nll(net, tok, records: list[dict], mode: str) -> float:
         if ref is None:
             continue
         ids, labels = chat_data.encode_chat(tok, r["messages"] + [ref])
-        x = torch.tensor([ids[:-1]])
-        pos = torch.arange(x.shape[1])[None]
-        logits = net(x, pos, net.get_attention_masks(pos))
-        logits = logits[0] if isinstance(logits, list) else logits
         y = torch.tensor(labels[1:])
         keep = y != chat_data.IGNORE_INDEX
-        total += float(torch.nn.functional.cross_entropy(logits[0][keep].float(), y[keep], reduction="sum"))
+        if isinstance(net, Endpoint):  # the server's log p(ids[i] | ids[:i]) (echo + logprobs)
+            total -= float(torch.tensor(net.prompt_logprobs(ids))[keep].sum())
+        else:
+            x = torch.tensor([ids[:-1]])
+            pos = torch.arange(x.shape[1])[None]
+            logits = net(x, pos, net.get_attention_masks(pos))
+            logits = logits[0] if isinstance(logits, list) else logits
+            total += float(torch.nn.functional.cross_entropy(logits[0][keep].float(), y[keep], reduction="sum"))
         count += int(keep.sum())
     return total / count if count else float("nan")
 
@@ -102,7 +113,7 @@ def sampled_figures(net, tok, records: list[dict], mode: str, cfg: DictConfig, r
     for s in range(0, len(records), step):
         chunk = records[s:s + step]
         prompts = [chat_data.encode_prompt(tok, r["messages"], mode) for r in chunk for _ in range(sc.n)]
-        outs = generate.generate(net, prompts, max_new_tokens=sc.max_new_tokens, eos_id=tok.eos_token_id,
+        outs = decode(net)(prompts, max_new_tokens=sc.max_new_tokens, eos_id=tok.eos_token_id,
                                  pad_id=tok.pad_token_id, temperature=sc.temperature, generator=gen)
         for j, r in enumerate(chunk):
             rews = []
@@ -127,9 +138,9 @@ def evaluate_checkpoint(net, tok, records: list[dict], cfg: DictConfig, sampled:
         outs = []
         for s in range(0, len(records), cfg.batch_size):
             chunk = records[s:s + cfg.batch_size]
-            outs += generate.generate(net, [chat_data.encode_prompt(tok, r["messages"], mode) for r in chunk],
-                                      max_new_tokens=cfg.max_new_tokens, eos_id=tok.eos_token_id,
-                                      pad_id=tok.pad_token_id, temperature=cfg.temperature, generator=gen)
+            outs += decode(net)([chat_data.encode_prompt(tok, r["messages"], mode) for r in chunk],
+                                max_new_tokens=cfg.max_new_tokens, eos_id=tok.eos_token_id,
+                                pad_id=tok.pad_token_id, temperature=cfg.temperature, generator=gen)
         scores = []
         for r, out in zip(records, outs):
             text = tok.decode(out.tokens if out.truncated else out.tokens[:-1], skip_special_tokens=False)
@@ -159,10 +170,15 @@ def run(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, all_samples = {}, []
-    for label, src in progress(list(cfg.checkpoints.items()), desc="[evaluate] checkpoints", unit="ckpt"):
-        ckpt = resolve(cfg, label, src)
-        load_weights(net, ckpt)
-        rows[label], samples = evaluate_checkpoint(net, tok, records, cfg,
+    # evaluate.endpoint=http://host:port scores an OpenAI-compatible server (make serve) instead
+    targets = {"endpoint": cfg.endpoint} if cfg.get("endpoint") else cfg.checkpoints
+    for label, src in progress(list(targets.items()), desc="[evaluate] checkpoints", unit="ckpt"):
+        if cfg.get("endpoint"):
+            model, ckpt = Endpoint(src, api_key_env=cfg.endpoint_api_key_env, tokenizer=tok), src
+        else:
+            ckpt, model = resolve(cfg, label, src), net
+            load_weights(net, ckpt)
+        rows[label], samples = evaluate_checkpoint(model, tok, records, cfg,
                                                    sampled=cfg.sampled.n > 0 and label in cfg.sampled.checkpoints)
         rows[label]["checkpoint"] = str(ckpt)
         all_samples += [{"checkpoint": label, **s} for s in samples]
@@ -188,7 +204,7 @@ def run(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except (FileNotFoundError, KeyError) as e:
+    except (FileNotFoundError, KeyError, EndpointError) as e:
         sys.exit(f"[evaluate] {e}")
 
 

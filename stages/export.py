@@ -19,27 +19,10 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hf_io  # noqa: E402
-import training  # noqa: E402
-
-
-def resolve_checkpoint(cfg: DictConfig) -> tuple[Path, str]:
-    """(checkpoint dir, name): `ckpt` as a path or stage name, else the first finished stage of `stages`."""
-    names = [cfg.ckpt] if cfg.ckpt else list(cfg.stages)
-    for name in names:
-        p = Path(str(name))
-        if (p / ".metadata").exists():
-            return p, p.name
-        run = Path(cfg.paths.runs) / cfg.model.name / str(name)
-        if (run / "DONE.json").exists() and training.latest_checkpoint(run) is not None:
-            return training.latest_checkpoint(run), str(name)
-        if p.is_dir() and training.latest_checkpoint(p) is not None:  # a run directory
-            return training.latest_checkpoint(p), p.name
-    where = f"ckpt={cfg.ckpt}" if cfg.ckpt else f"none of stages={list(cfg.stages)} has finished"
-    raise FileNotFoundError(f"conf/export.yaml {where}: no DCP checkpoint under {cfg.paths.runs}/{cfg.model.name}")
 
 
 def run(cfg: DictConfig) -> dict:
-    ckpt, name = resolve_checkpoint(cfg)
+    ckpt, name = hf_io.resolve_checkpoint(cfg.ckpt, cfg.stages, Path(cfg.paths.runs) / cfg.model.name)
     out = Path(cfg.out) if cfg.out else Path(cfg.paths.runs) / cfg.model.name / "hf" / name
     print(f"[export] {ckpt} -> {out} ({cfg.dtype})", flush=True)
     stats = hf_io.export_hf(ckpt, out, cfg.model, cfg.tokenizer_dir, dtype=cfg.dtype,

@@ -21,15 +21,18 @@ TOK = ROOT / "artifacts" / "tokenizer" / "tiny"
 PROMPTS = ["What is 12 + 7?", "Write one sentence about rivers.", "3 * 4 = ?"]
 
 
-def random_kit_model(seed: int = 0, m=None):
-    """The tiny model with random weights and a non-zero router bias that changes routing."""
+def random_kit_model(seed: int = 0, m=None, sharpen: bool = True):
+    """The tiny model with random weights and a non-zero router bias that changes routing.
+    `sharpen` spreads logits and router scores (x20) so greedy and top-k choices are far from
+    float-noise ties, which makes any numerical difference between two implementations visible."""
     torch.manual_seed(seed)
     m = m or axk1.load_model_cfg("tiny")
     net = G.build_inference_model(m)
     with torch.no_grad():
-        net.lm_head.weight.mul_(20)  # spread the logits: greedy choices are not float-noise ties
         for moe in axk1.moe_layers(net):
-            moe.expert_bias_E.copy_(torch.randn(m.num_experts) * 0.05)
+            moe.expert_bias_E.copy_(torch.randn(m.num_experts) * (0.1 if sharpen else 0.05))
+            moe.router.gate.weight.mul_(20 if sharpen else 1)
+        net.lm_head.weight.mul_(20 if sharpen else 1)
     return m, net
 
 
@@ -248,3 +251,20 @@ def test_export_peak_memory_is_bounded_by_one_shard(tmp_path):
     print(f"model {model_bytes / 2**20:.0f} MiB fp32, export peak RSS growth {growth / 2**20:.0f} MiB, "
           f"bound {bound / 2**20:.0f} MiB, {r['shards']} shards in {r['seconds']:.1f} s")
     assert growth < bound < model_bytes
+
+
+def test_imported_checkpoint_initialises_a_training_model(exported, tmp_path, single_process_group):
+    """What `stage.init_from` does with the import: training.load_model_weights into the FSDP-wrapped model."""
+    import training
+    from conftest import compose_cfg
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    m, net, tmp, _ = exported
+    hf_io.import_hf(tmp / "hf32", tmp_path / "init", m)
+    cfg = compose_cfg(overrides=["parallelism=none"])
+    trained, *_ = training.build_model(cfg, 1, bias_update_rate=0.0, seed=123)
+    training.load_model_weights(tmp_path / "init", trained)
+    sd = get_model_state_dict(trained, options=StateDictOptions(full_state_dict=True))
+    for k, v in net.state_dict().items():
+        got = sd[k].full_tensor() if hasattr(sd[k], "full_tensor") else sd[k]
+        assert torch.equal(got, v), k

