@@ -114,7 +114,7 @@ def sampled_figures(net, tok, records: list[dict], mode: str, cfg: DictConfig, r
         chunk = records[s:s + step]
         prompts = [chat_data.encode_prompt(tok, r["messages"], mode) for r in chunk for _ in range(sc.n)]
         outs = decode(net)(prompts, max_new_tokens=sc.max_new_tokens, eos_id=tok.eos_token_id,
-                                 pad_id=tok.pad_token_id, temperature=sc.temperature, generator=gen)
+                            pad_id=tok.pad_token_id, temperature=sc.temperature, generator=gen)
         for j, r in enumerate(chunk):
             rews = []
             for out in outs[j * sc.n:(j + 1) * sc.n]:
