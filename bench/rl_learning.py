@@ -21,8 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import chat_data  # noqa: E402
 import configs  # noqa: E402
@@ -69,7 +67,6 @@ def main() -> None:
     tok = tokmod.load_tokenizer(ecfg.tokenizer_dir)
     records, _ = chat_data.load_posttrain(ecfg.posttrain_data, "eval")
     net = generate.build_inference_model(ecfg.model)
-    torch.set_num_threads(2)
 
     before = score(ecfg, net, tok, records, init)
 
