@@ -32,7 +32,7 @@ setup: $(VENV)/.installed
 test: setup artifacts/data/tiny/pretrain_s3/manifest.json
 	@up=0; bash scripts/slurm_local.sh status 2>/dev/null && up=1; \
 	if [ $$up = 0 ]; then bash scripts/slurm_local.sh up || [ -z "$$CI" ] || exit 1; fi; \
-	rc=0; $(BIN)/pytest -q tests || rc=$$?; \
+	rc=0; $(BIN)/pytest -q --durations=12 tests || rc=$$?; \
 	if [ $$up = 0 ]; then bash scripts/slurm_local.sh down || true; fi; \
 	exit $$rc
 

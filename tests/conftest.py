@@ -15,6 +15,16 @@ sys.path.insert(0, str(ROOT))
 import configs  # noqa: E402,F401  (registers the config resolvers)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# Set in this process by training.init_distributed (the single_process_group fixture): a child
+# stage that inherits them joins our rendezvous port instead of picking its own (EADDRINUSE).
+RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def child_env(**extra: str) -> dict:
+    """os.environ for a stage run as a child process: no inherited rendezvous, PYTHONPATH=ROOT."""
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
+    return {**env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
+
 
 def compose_cfg(name: str = "pretrain", overrides: list[str] | None = None):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

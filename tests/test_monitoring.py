@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import pytest
-from conftest import ROOT, compose_cfg
+from conftest import ROOT, child_env, compose_cfg
 
 import monitoring
 
@@ -160,7 +160,7 @@ def stage_runs(tmp_path_factory, tiny_data):
     """pretrain_s1 on 2 ranks (FSDP2 x EP 2) with W&B offline, then SFT and RL from its initial weights."""
     runs = tmp_path_factory.mktemp("runs")
     server = ConnectionCounter()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", WANDB_BASE_URL=server.url)
+    env = child_env(WANDB_BASE_URL=server.url)
     common = [f"paths.runs={runs}", "log_every=1"]
     out = {"pretrain_s1": finish(start_stage("pretrain", common + [
         f"data.root={tiny_data}", "max_steps=3", "checkpoint.save_initial=true", "metrics.wandb.enabled=true",
