@@ -271,6 +271,27 @@ def train_step(parts: list[torch.nn.Module], pipe, batch: dict, targets: list[to
     return sums
 
 
+def global_target_counts(targets: list[torch.Tensor], loss_group) -> torch.Tensor:
+    """Valid targets per head summed over the data x context ranks (the loss normaliser; None: one
+    data rank, and pipeline stages share targets)."""
+    n_targets = count_targets(targets)
+    if loss_group is not None:
+        dist.all_reduce(n_targets, group=loss_group)
+    return n_targets
+
+
+def optimizer_step(parts: list[torch.nn.Module], pipe, opts, max_norm: float, parallel_dims, loss_group):
+    """Clip, read the router statistics, step and zero every chunk's optimizer; returns
+    (grad_norm, router stats). The statistics come before step(): torchtitan's bias hook resets
+    the expert-load counts; pipeline stages report their own layers."""
+    grad_norm = clip_grad_norm(parts, pipe, max_norm, parallel_dims)
+    router = monitoring.router_stats(parts[0] if pipe is None else parts, loss_group)
+    for opt in opts:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return grad_norm, router
+
+
 def clip_grad_norm(parts: list[torch.nn.Module], pipe, max_norm: float, parallel_dims) -> torch.Tensor:
     """torchtitan's gradient clipping (EP-aware; over the PP mesh when pipelined)."""
     if pipe is not None:

@@ -16,14 +16,12 @@ from pathlib import Path
 
 import hydra
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import configs  # noqa: E402
 import context_parallel  # noqa: E402
 import data  # noqa: E402
-import monitoring  # noqa: E402
 import training  # noqa: E402
 
 
@@ -89,17 +87,10 @@ def run(cfg: DictConfig) -> dict:
         targets = training.loss_labels(batch["labels"], batch["positions"], cfg.model.num_mtp_layers)
         if cp is not None:  # this rank's head-tail chunks of every row; targets were built on full rows
             batch, targets = cp.shard(batch, targets, cfg.model.num_mtp_layers)
-        n_targets = training.count_targets(targets)
-        if loss_group is not None:  # data x context ranks (None: one data rank; pipeline stages share targets)
-            dist.all_reduce(n_targets, group=loss_group)
+        n_targets = training.global_target_counts(targets, loss_group)
         sums = training.train_step(parts, pipe, batch, targets, n_targets, micro=micro, cp=cp,
                                    mtp_scale=stage.mtp_scale, dp_size=dp_size, device=device)
-        grad_norm = training.clip_grad_norm(parts, pipe, o.grad_clip, pdims)
-        # before step(): the bias hook resets the counts; pipeline stages report their own layers
-        router = monitoring.router_stats(parts[0] if pipe is None else parts, loss_group)
-        for opt in opts:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        grad_norm, router = training.optimizer_step(parts, pipe, opts, o.grad_clip, pdims, loss_group)
 
         lm_v, mtp_v = (sums[:2] / n_targets.clamp(min=1)).tolist()
         aux_v = float(sums[2]) / (dp_size * pdims.cp)  # CP ranks each hold their rows' full aux loss
