@@ -57,6 +57,9 @@ def errors(cfg: DictConfig, world_size: int | None = None) -> list[str]:
         out.append(f"model/{m.name}.yaml top_k={m.top_k}: expected at least 1 routed expert per token")
     if "stage" in cfg and cfg.stage.get("lr_factor") is not None and cfg.stage.lr_factor < 0:
         out.append(f"stage/{cfg.stage.name}.yaml lr_factor={cfg.stage.lr_factor}: expected >= 0")
+    if "stage" in cfg and cfg.stage.get("kind") == "rl" and cfg.stage.rl.rollout_backend not in ("local", "vllm"):
+        out.append(f"stage/{cfg.stage.name}.yaml rl.rollout_backend={cfg.stage.rl.rollout_backend}: "
+                   f"expected local or vllm")
     if m.vocab_size % 128:
         out.append(f"model/{m.name}.yaml vocab_size={m.vocab_size}: expected a multiple of 128 (paper 2.3)")
     if m.num_experts % m.n_group:

@@ -6,9 +6,10 @@ c_kv (kv_lora_rank wide) and the rotated shared key part k_pe, not per-head keys
 Each step up-projects the cached latent with the layer's own wkv_b. `tests/test_post_generate.py`
 checks the result equals greedy argmax of the full (uncached) model forward.
 
-Rollouts run on a separate, unsharded copy of the policy (the trainer's model is wrapped by
-FSDP2/EP, whose hooks only fire on whole-module calls): `sync_weights` copies the trainer's full
-state into it before every rollout, like an RL system syncing its inference engine each step.
+RL's `local` rollout backend (LocalRollouts) runs it on a separate, unsharded copy of the policy
+(the trainer's model is wrapped by FSDP2/EP, whose hooks only fire on whole-module calls):
+`sync_weights` copies the trainer's full state into it before every rollout. The `vllm` backend
+(vllm_engine.py) has the same interface.
 """
 
 from __future__ import annotations
@@ -141,6 +142,26 @@ def generate(net, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int,
         logits = _step(net, nxt[:, None], pos[:, None], caches, key_valid[:, None, None, :])[:, -1]
     net.train(was_training)
     return [Rollout(o, truncated=(not o or o[-1] != eos_id)) for o in out]
+
+
+class LocalRollouts:
+    """The `local` rollout backend (stage/rl.yaml rl.rollout_backend): `generate` on an unsharded decode
+    copy of the policy, refreshed by `sync_weights`. For CPU and small models: every rank holds the
+    whole model, which a 519B policy does not fit (use `vllm`: vllm_engine.VLLMRollouts)."""
+
+    def __init__(self, model_cfg: DictConfig, pad_id: int, device: str = "cpu"):
+        self.net, self.pad_id = build_inference_model(model_cfg, device), pad_id
+
+    def load(self, net: torch.nn.Module) -> None:
+        sync_weights(net, self.net)
+
+    def sample(self, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int, temperature: float,
+               generator: torch.Generator | None = None) -> list[Rollout]:
+        return generate(self.net, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=self.pad_id,
+                        temperature=temperature, generator=generator)
+
+    def close(self) -> None:
+        pass
 
 
 @torch.no_grad()

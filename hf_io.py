@@ -175,7 +175,7 @@ def hf_plan(m: DictConfig) -> list[Entry]:
     return plan
 
 
-def _out_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+def out_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if name.endswith(FP32_SUFFIXES) else dtype
 
 
@@ -185,7 +185,7 @@ def kit_to_hf_state(tensors: dict[str, torch.Tensor], m: DictConfig, dtype: torc
     for e in hf_plan(m):
         t = torch.ones(e.shape) if e.kit is None else tensors[e.kit]
         t = t if e.expert is None else t[e.expert]
-        out[e.hf] = t if dtype is None else t.to(_out_dtype(e.hf, dtype))
+        out[e.hf] = t if dtype is None else t.to(out_dtype(e.hf, dtype))
     return out
 
 
@@ -237,10 +237,10 @@ class DCPReader:
 # ----------------------------------------------------------------------------------------
 # Export
 # ----------------------------------------------------------------------------------------
-def _shards(plan: list[Entry], dtype: torch.dtype, max_bytes: int) -> list[list[Entry]]:
+def shard_plan(plan: list[Entry], dtype: torch.dtype, max_bytes: int) -> list[list[Entry]]:
     shards, cur, size = [], [], 0
     for e in plan:
-        n = torch.Size(e.shape).numel() * _out_dtype(e.hf, dtype).itemsize
+        n = torch.Size(e.shape).numel() * out_dtype(e.hf, dtype).itemsize
         if cur and size + n > max_bytes:
             shards.append(cur)
             cur, size = [], 0
@@ -278,7 +278,7 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, model_cfg: DictConfig, 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
-    shards = _shards(hf_plan(m), want, max_shard_bytes)
+    shards = shard_plan(hf_plan(m), want, max_shard_bytes)
     weight_map, total, peak = {}, 0, 0
     for i, shard in progress(list(enumerate(shards)), desc="[export] safetensors shards", unit="shard"):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -297,7 +297,7 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, model_cfg: DictConfig, 
             peak = max(peak, held + box.nbytes)
             for e in entries:
                 t = box if e.expert is None else box[e.expert - lo]
-                tensors[e.hf] = t.to(_out_dtype(e.hf, want), copy=True)  # owns its memory: the box goes
+                tensors[e.hf] = t.to(out_dtype(e.hf, want), copy=True)  # owns its memory: the box goes
                 held += tensors[e.hf].nbytes
             del box
         save_file(tensors, str(tmp / fname), metadata={"format": "pt"})

