@@ -1,6 +1,7 @@
 """Shared fixtures: composed Hydra configs, a one-process gloo group, the tiny data artifacts."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Set in this process by training.init_distributed (the single_process_group fixture): a child
 # stage that inherits them joins our rendezvous port instead of picking its own (EADDRINUSE).
 RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def free_port() -> int:
+    """A port nothing listens on now (torchrun rendezvous, servers started by tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def child_env(**extra: str) -> dict:

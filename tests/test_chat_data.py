@@ -1,7 +1,6 @@
 """chat_data.py: generator correctness, splits, readers with bad-record counts, SFT masking."""
 
 import json
-import random
 from collections import Counter
 
 import pytest

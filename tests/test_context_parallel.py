@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, compose_cfg
+from conftest import ROOT, compose_cfg, free_port
 
 import configs
 import context_parallel
@@ -16,13 +16,6 @@ import kernels
 from test_pretrain_dist import losses, run
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def packed_positions(starts_per_row: list[list[int]], L: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import pytest
-from conftest import ROOT, child_env, compose_cfg
+from conftest import ROOT, child_env, compose_cfg, free_port
 
 import monitoring
 
@@ -75,12 +75,6 @@ def test_metrics_off_by_default_import_neither_wandb_nor_network(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Short real stage runs.
 # ---------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ConnectionCounter:
     """A local server W&B is pointed at (WANDB_BASE_URL): offline mode must never connect."""
 

@@ -3,25 +3,18 @@ router-bias update on, against one process on the same data from the same saved 
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import ROOT, compose_cfg
+from conftest import ROOT, compose_cfg, free_port
 from test_pretrain_dist import kill_tree, launch
 
 import configs  # noqa: F401  (config resolvers)
 import pipeline
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(runs, nproc, overrides):

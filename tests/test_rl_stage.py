@@ -1,6 +1,5 @@
 """stages/rl.py's update on the tiny model: the defects issue 11 found, one test each."""
 
-import pytest
 import torch
 from conftest import compose_cfg
 

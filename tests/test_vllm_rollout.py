@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from conftest import ROOT, child_env, compose_cfg
+from conftest import ROOT, child_env, compose_cfg, free_port
 from test_hf_io import PROMPTS, TOK, random_kit_model
 from test_vllm_serve import needs_vllm
 
@@ -125,3 +125,16 @@ def test_rl_stage_runs_on_the_vllm_backend(setup):
     log = (run / "rollout_engine" / "engine_rank0" / "engine.log").read_text()
     assert log.count("Reloading weights") >= 1  # the second round's push reloaded the engine in place
     assert json.loads((run / "DONE.json").read_text())["finished"]
+
+
+def test_weight_push_from_fsdp_ep_equals_the_full_state(tmp_path):
+    """tests/dist_weight_push.py: the push gathers each sharded tensor once on 2 ranks (FSDP2 x EP 2),
+    writes 1 MiB shards on rank 0, and the shard set equals the export mapping of the full state.
+    Needs no vLLM: this is the trainer half of the `vllm` backend."""
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), "tests/dist_weight_push.py", str(tmp_path)],
+                       cwd=ROOT, env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    r = json.loads(next(line for line in p.stdout.splitlines() if line.startswith("PUSHCHECK "))[10:])
+    assert r["names_equal"] and r["max_abs_diff"] == 0.0, r
+    assert r["sharded_params"] > 0 and r["bias_nonzero"] and r["shards"] > 1 and r["config"] == {"probe": True}, r

@@ -7,7 +7,6 @@ The `vllm` tests need .venv-vllm (`make serve-setup`; .ci/run builds it) and are
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import urllib.request
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from conftest import ROOT, compose_cfg
+from conftest import ROOT, compose_cfg, free_port
 from test_hf_io import PROMPTS, TOK, random_kit_model
 
 import chat_data
@@ -34,12 +33,6 @@ def needs_vllm(test):
                  pytest.mark.skipif(not VLLM_PY.exists(), reason=".venv-vllm missing: run `make serve-setup`")):
         test = mark(test)
     return test
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str, key: str | None) -> int:
@@ -59,7 +52,7 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     m, net = random_kit_model()  # sharpened: greedy and top-k choices far from float-noise ties
     dcp.save({"model": net.state_dict()}, checkpoint_id=str(tmp / "ckpt"))
-    port, log = _free_port(), (tmp / "serve.log").open("w")
+    port, log = free_port(), (tmp / "serve.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "stages/serve.py", f"ckpt={tmp / 'ckpt'}", f"out={tmp / 'hf'}", "dtype=float32",
          f"port={port}", "max_model_len=512", "extra_args=[--enforce-eager]"],
