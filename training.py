@@ -292,12 +292,14 @@ def optimizer_step(parts: list[torch.nn.Module], pipe, opts, max_norm: float, pa
     return grad_norm, router
 
 
-def clip_grad_norm(parts: list[torch.nn.Module], pipe, max_norm: float, parallel_dims) -> torch.Tensor:
-    """torchtitan's gradient clipping (EP-aware; over the PP mesh when pipelined)."""
+def clip_grad_norm(parts: list[torch.nn.Module], pipe, max_norm: float, parallel_dims=None) -> torch.Tensor:
+    """torchtitan's gradient clipping (EP-aware: expert and non-expert grads live on different meshes;
+    over the PP mesh when pipelined). parallel_dims None: one process, plain parameters."""
     if pipe is not None:
         return pipe.clip_grad_norm_(max_norm)
     return clip_grad_norm_(parts[0].parameters(), max_norm, foreach=True,
-                           pp_mesh=parallel_dims.get_optional_mesh("pp"), ep_enabled=parallel_dims.ep_enabled)
+                           pp_mesh=parallel_dims.get_optional_mesh("pp") if parallel_dims else None,
+                           ep_enabled=bool(parallel_dims and parallel_dims.ep_enabled))
 
 
 def float8_converter(hw: DictConfig, emulate: bool = False):

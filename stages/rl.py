@@ -60,14 +60,14 @@ def rl_lr(o: DictConfig, stage: DictConfig, b: DictConfig, step: int) -> float:
 
 
 def policy_step(net, opt, seqs, mask, old, adv, R: DictConfig, grad_clip: float, dp_size: int,
-                pad_id: int) -> dict:
+                pad_id: int, parallel_dims=None) -> dict:
     """One optimizer step on the GSPO loss of this rank's share of a minibatch."""
     # one forward per step on each rank: the balance loss's share is 1/dp like the GSPO loss's
     training.set_aux_grad_scale(net, 1.0 / dp_size)
     new = token_logprobs(net, seqs, pad_id)
     loss, st = rl.gspo_loss(new, old, mask, adv, R.eps_low, R.eps_high, R.aggregation)
     (loss / dp_size).backward()
-    gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip, foreach=True)
+    gnorm = training.clip_grad_norm([net], None, grad_clip, parallel_dims)  # EP-aware (two meshes under FSDP x EP)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return {"loss": loss.item(), "grad_norm": float(gnorm), **st}
@@ -155,12 +155,13 @@ def run(cfg: DictConfig) -> dict:
         if samples:
             adv = rl.group_advantages(torch.tensor([s["reward"].total for s in samples], dtype=torch.float32),
                                       R.group_size)
-        # Fixed number of minibatches on every rank (FSDP collectives stay in lockstep); an
-        # empty one trains on a dummy row with a zero mask.
+        # Every rank runs the same forwards (FSDP/EP collectives stay in lockstep whatever dynamic
+        # sampling kept here): one no-grad forward for the old log-probs, then a fixed number of
+        # minibatches; an empty one trains on a dummy row with a zero mask.
         chunks = [list(range(len(samples)))[k::R.minibatches] for k in range(R.minibatches)]
         seqs_all = [s["prompt"] + s["out"].tokens for s in samples]
         with torch.no_grad():
-            old_all = token_logprobs(net, seqs_all, tok.pad_token_id) if samples else None
+            old_all = token_logprobs(net, seqs_all or [[tok.pad_token_id] * 2], tok.pad_token_id)
         stats = []
         for idx in chunks:
             if idx:
@@ -174,10 +175,8 @@ def run(cfg: DictConfig) -> dict:
                         mask[row, n_p - 1:n_p - 1 + len(s["out"].tokens)] = 1.0  # targets = generated tokens
                 old, a = old_all[idx, :T], adv[idx]
             else:  # a dummy row with a zero mask: no gradient, collectives stay in step
-                seqs, mask, a = [[tok.pad_token_id] * 2], torch.zeros(1, 1), torch.zeros(1)
-                with torch.no_grad():
-                    old = token_logprobs(net, seqs, tok.pad_token_id)
-            stats.append(policy_step(net, opt, seqs, mask, old, a, R, o.grad_clip, dp_size, tok.pad_token_id))
+                seqs, mask, a, old = [[tok.pad_token_id] * 2], torch.zeros(1, 1), torch.zeros(1), torch.zeros(1, 1)
+            stats.append(policy_step(net, opt, seqs, mask, old, a, R, o.grad_clip, dp_size, tok.pad_token_id, pdims))
 
         # ---- metrics over everything sampled this step (the current policy's behaviour) ------
         flat = [s for g in all_groups for s in g]
