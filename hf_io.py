@@ -42,10 +42,10 @@ from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torchtitan.models.deepseek_v3.state_dict_adapter import DeepSeekV3StateDictAdapter
 
+import checkpoints
 import merge
 import model as axk1
 import tokenizer as tokmod
-import training
 from progress import progress
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -324,7 +324,7 @@ def resolve_checkpoint(ckpt: str | None, stages: list[str], runs: Path) -> tuple
         if (p / ".metadata").exists():
             return p, p.name
         for run in (runs / str(name), p):
-            latest = training.latest_checkpoint(run) if run.is_dir() else None
+            latest = checkpoints.latest_checkpoint(run) if run.is_dir() else None
             if latest is not None and (run == p or (run / "DONE.json").exists()):
                 return latest, run.name
     where = f"ckpt={ckpt}" if ckpt else f"none of stages={list(stages)} has finished"

@@ -1,5 +1,5 @@
 """Plumbing shared by every training stage: distributed start-up, model build + torchtitan
-parallelize, optimizer, schedules, losses, DCP checkpoints and metric logging.
+parallelize, optimizer, schedules, losses and metric logging (DCP checkpoints: checkpoints.py).
 
 Stage scripts in stages/ read top to bottom and call into this module; nothing here knows which
 stage it serves.
@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.fsdp import FSDPModule
 from omegaconf import DictConfig, OmegaConf
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
-)
 from torchtitan.components.loss import IGNORE_INDEX, cross_entropy_loss
 from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
 from torchtitan.distributed import ParallelDims
@@ -28,6 +23,7 @@ from torchtitan.distributed import utils as dist_utils
 from torchtitan.distributed.utils import clip_grad_norm_
 from torchtitan.models.deepseek_v3.mtp import roll_mtp_sequence
 
+import checkpoints
 import configs
 import kernels
 import memory
@@ -339,169 +335,6 @@ def expert_load_imbalance(net, group=None) -> float:
 
 
 # ----------------------------------------------------------------------------------------
-# Checkpoints: DCP directories written beside, then renamed; `latest` names the newest.
-# ----------------------------------------------------------------------------------------
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and a rename: a kill mid-write never leaves a half file (a
-    `latest` pointer to nowhere, a DONE.json that reads as done)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def ckpt_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    ptr = ckpt_root(run_dir) / "latest"
-    if not ptr.exists():
-        return None
-    path = ckpt_root(run_dir) / ptr.read_text().strip()
-    return path if (path / ".metadata").exists() else None
-
-
-def _parts(net) -> list[torch.nn.Module]:
-    return list(net) if isinstance(net, (list, tuple)) else [net]
-
-
-_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)  # keys by parameter name: any layout reads them
-
-
-def _train_state_dicts(net, opt) -> tuple[dict, dict, list]:
-    """Model and optimizer state of every chunk, merged under the whole model's names (a
-    pipeline chunk keeps its modules' names, so any layout saves and loads the same keys)."""
-    model_sd, optim_sd, per_part = {}, {}, []
-    for part, o in zip(_parts(net), _parts(opt)):
-        m, s = get_state_dict(part, o, options=_FLAT)
-        model_sd.update(m)
-        optim_sd.update(s)
-        per_part.append((list(m), list(s)))
-    return model_sd, optim_sd, per_part
-
-
-def check_embedding_copy(pipe, stage_name: str) -> None:
-    """Before a checkpoint (it stores one embedding): the MTP embedding copy on the last stage
-    must equal the first stage's, else the run stops rather than save either."""
-    if pipe is None or pipe.emb_group is None:
-        return
-    drift = pipe.embedding_drift()
-    if drift != 0.0:
-        raise RuntimeError(f"[{stage_name}] the last stage's MTP embedding copy drifted from the first stage's "
-                           f"embedding (max |diff| {drift:.3g}); not saving a checkpoint")
-    if dist.get_rank() == 0:
-        print(f"[{stage_name}] MTP embedding copy equals the first stage's (max |diff| 0)", flush=True)
-
-
-def layout_of(cfg: DictConfig, world_size: int) -> dict:
-    """What a checkpoint records about the run that wrote it (compared on resume)."""
-    b, d = configs.budget(cfg), configs.mesh_degrees(cfg, world_size)
-    return {"world": world_size, "dp": d["dp"], "pp": d["pp"], "ep": d["ep"], "cp": d["cp"],
-            "pp_stages_per_rank": cfg.parallelism.pp_stages_per_rank,
-            "batch_schedule": [b.batch_start, b.batch_end, b.batch_increment, b.ramp_samples]}
-
-
-def resume_changes(saved: dict, now: dict, step: int) -> list[str]:
-    """Lines saying how the resumed run differs from the one that wrote the checkpoint (paper
-    3.4: the cluster grew from 1,024 to 1,536 GPUs and the batch from 16,384 to 18,432)."""
-    out = []
-    if saved and {k: v for k, v in saved.items() if k != "batch_schedule"} != \
-            {k: v for k, v in now.items() if k != "batch_schedule"}:
-        fmt = "world {world} (dp {dp} x pp {pp} x cp {cp}, ep {ep})"
-        out.append(f"layout changed at step {step}: {fmt.format(**saved)} -> {fmt.format(**now)}; "
-                   f"DCP resharded weights and optimizer state, the loader continues at its global sample")
-    if saved and saved.get("batch_schedule") != now["batch_schedule"]:
-        out.append(f"batch schedule changed at step {step}: [start, end, increment, ramp samples] "
-                   f"{saved.get('batch_schedule')} -> {now['batch_schedule']}")
-    return out
-
-
-def save_checkpoint(run_dir, step: int, net, opt, train_state: dict, keep_last: int) -> Path:
-    """All ranks write into step-N.tmp; rank 0 renames it and then moves `latest`, so a crash
-    mid-write leaves the previous checkpoint (and the pointer to it) untouched. `net`/`opt` may be
-    lists (pipeline chunks and their optimizers)."""
-    root = ckpt_root(run_dir)
-    final, tmp = root / f"step-{step:08d}", root / f"step-{step:08d}.tmp"
-    rank = dist.get_rank()
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    model_sd, optim_sd, _ = _train_state_dicts(net, opt)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    dist.barrier()
-    if rank == 0:
-        (tmp / "train_state.json").write_text(json.dumps(train_state))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        write_atomic(root / "latest", final.name)
-        steps = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for old in steps[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return final
-
-
-def _model_state_dict(net) -> tuple[dict, list]:
-    sd, per_part = {}, []
-    for part in _parts(net):
-        m = get_model_state_dict(part)
-        sd.update(m)
-        per_part.append(list(m))
-    return sd, per_part
-
-
-def save_model_weights(path: Path, net) -> None:
-    """Weights and buffers only (no optimizer), e.g. a run's seeded starting point for init_from.
-    (Asking DCP for an empty optimizer's state would run a zero-LR step to create it.)"""
-    tmp = path.with_name(path.name + ".tmp")
-    if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
-    dcp.save({"model": _model_state_dict(net)[0]}, checkpoint_id=str(tmp))
-    dist.barrier()
-    if dist.get_rank() == 0:
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    dist.barrier()
-
-
-def load_checkpoint(path: Path, net, opt) -> dict:
-    """Resume: weights, optimizer and train state, from a checkpoint of any layout (DCP
-    reshards by name)."""
-    model_sd, optim_sd, per_part = _train_state_dicts(net, opt)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
-    for part, o, (mkeys, okeys) in zip(_parts(net), _parts(opt), per_part):
-        set_state_dict(part, o, model_state_dict={k: state["model"][k] for k in mkeys},
-                       optim_state_dict={k: state["optim"][k] for k in okeys}, options=_FLAT)
-    return json.loads((path / "train_state.json").read_text())
-
-
-def load_model_weights(path: Path, net) -> None:
-    """Initialise from another stage's checkpoint: weights and buffers only (fresh optimizer)."""
-    sd, per_part = _model_state_dict(net)
-    dcp.load({"model": sd}, checkpoint_id=str(path))
-    for part, keys in zip(_parts(net), per_part):
-        set_model_state_dict(part, {k: sd[k] for k in keys}, options=StateDictOptions(strict=True))
-
-
-def resolve_init(cfg: DictConfig) -> Path | None:
-    """`stage.init_from` is a previous stage's name (its latest checkpoint) or a path."""
-    src = cfg.stage.get("init_from")
-    if not src:
-        return None
-    p = Path(src)
-    if not p.exists():
-        run = Path(cfg.paths.runs) / cfg.model.name / src
-        p = latest_checkpoint(run)
-        if p is None or not (run / "DONE.json").exists():
-            raise FileNotFoundError(f"stage/{cfg.stage.name}.yaml init_from={src}: no finished run at {run} "
-                                    f"(run stage {src} first)")
-    return p
-
-
-# ----------------------------------------------------------------------------------------
 # Logging: monitoring.MetricLog (metrics.jsonl, console line, TensorBoard/W&B on rank 0).
 # ----------------------------------------------------------------------------------------
 MetricLog = monitoring.MetricLog
@@ -511,7 +344,7 @@ def finish_stage(run_dir: str | Path, summary: dict) -> dict:
     """End of a stage's loop on every rank: a finished stage gets DONE.json (what the next stage,
     `make status` and the launcher look for)."""
     if dist.get_rank() == 0 and summary["finished"]:
-        write_atomic(Path(run_dir) / "DONE.json", json.dumps(summary))
+        checkpoints.write_atomic(Path(run_dir) / "DONE.json", json.dumps(summary))
     dist.barrier()
     return summary
 

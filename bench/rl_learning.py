@@ -23,12 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import chat_data  # noqa: E402
+import checkpoints  # noqa: E402
 import configs  # noqa: E402
 import generate  # noqa: E402
 import launcher  # noqa: E402
 import rl  # noqa: E402
 import tokenizer as tokmod  # noqa: E402
-import training  # noqa: E402
 from stages import evaluate as ev  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def main() -> None:
 
     init = Path(a.init)
     if not (init / ".metadata").exists():
-        latest = training.latest_checkpoint(init)
+        latest = checkpoints.latest_checkpoint(init)
         if latest is None:
             raise SystemExit(f"--init {init}: no checkpoint (run `make post MODEL=tiny` up to mod_sft first)")
         init = latest
@@ -79,7 +79,7 @@ def main() -> None:
     if launcher.run_local(ROOT / "stages" / "rl.py", rcfg, rl_over) != 0:
         raise SystemExit("RL stage failed (see its log above)")
     seconds = time.perf_counter() - t0
-    after = score(ecfg, net, tok, records, training.latest_checkpoint(out / "rl"))
+    after = score(ecfg, net, tok, records, checkpoints.latest_checkpoint(out / "rl"))
 
     def fmt(m, lo, hi, signed=True):
         f = "{:+.3f}" if signed else "{:.3f}"

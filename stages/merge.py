@@ -18,8 +18,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import checkpoints  # noqa: E402
 import merge  # noqa: E402
-import training  # noqa: E402
 
 
 def resolve_input(cfg: DictConfig, field: str) -> Path:
@@ -45,10 +45,10 @@ def run(cfg: DictConfig) -> dict:
     out = root / "step-00000000"
     manifest = merge.merge_checkpoints(reasoning, instruct, out, float(cfg.alpha), hash_inputs=bool(cfg.hash_inputs))
     (run_dir / "merge_manifest.json").write_text(json.dumps(manifest, indent=2))
-    training.write_atomic(root / "latest", out.name)
+    checkpoints.write_atomic(root / "latest", out.name)
     summary = {"stage": cfg.stage.name, "alpha": manifest["alpha"], "n_params": manifest["n_params"],
                "output": str(out), "seconds": manifest["seconds"], "finished": True}
-    training.write_atomic(run_dir / "DONE.json", json.dumps(summary))
+    checkpoints.write_atomic(run_dir / "DONE.json", json.dumps(summary))
     return summary
 
 

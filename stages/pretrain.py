@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import checkpoints  # noqa: E402
 import configs  # noqa: E402
 import context_parallel  # noqa: E402
 import data  # noqa: E402
@@ -51,22 +52,22 @@ def run(cfg: DictConfig) -> dict:
 
     # ---- resume, or start from the previous stage ----------------------------------------
     state = {"step": 0, "samples": 0, "tokens": 0, "loss": float("nan")}
-    layout = training.layout_of(cfg, world)  # recorded in checkpoints; a resume reports changes
-    latest = training.latest_checkpoint(run_dir)
+    layout = checkpoints.layout_of(cfg, world)  # recorded in checkpoints; a resume reports changes
+    latest = checkpoints.latest_checkpoint(run_dir)
     if latest is not None:
-        state = training.load_checkpoint(latest, parts, opts)
+        state = checkpoints.load_checkpoint(latest, parts, opts)
         loader.load_state_dict(state["loader"])
         if rank == 0:
             print(f"[{stage.name}] resumed from {latest} at step {state['step']}", flush=True)
-            for line in training.resume_changes(state.get("layout", {}), layout, state["step"] + 1):
+            for line in checkpoints.resume_changes(state.get("layout", {}), layout, state["step"] + 1):
                 print(f"[{stage.name}] {line}", flush=True)
     else:
-        if (init := training.resolve_init(cfg)) is not None:
-            training.load_model_weights(init, parts)
+        if (init := checkpoints.resolve_init(cfg)) is not None:
+            checkpoints.load_model_weights(init, parts)
             if rank == 0:
                 print(f"[{stage.name}] initialised from {init}", flush=True)
         if cfg.checkpoint.save_initial:  # a world-size-independent starting point (see conf)
-            training.save_model_weights(run_dir / "initial", parts)
+            checkpoints.save_model_weights(run_dir / "initial", parts)
 
     # ---- loop --------------------------------------------------------------------------
     log = training.MetricLog(cfg, rank, progress="tokens", total=b.tokens, start=state["tokens"])
@@ -120,8 +121,8 @@ def run(cfg: DictConfig) -> dict:
         finished = state["tokens"] >= b.tokens
         if finished or state["step"] % cfg.checkpoint.every_steps == 0:
             state["loader"], state["layout"] = loader.state_dict(), layout
-            training.check_embedding_copy(pipe, stage.name)
-            training.save_checkpoint(run_dir, state["step"], parts, opts, state, cfg.checkpoint.keep_last)
+            checkpoints.check_embedding_copy(pipe, stage.name)
+            checkpoints.save_checkpoint(run_dir, state["step"], parts, opts, state, cfg.checkpoint.keep_last)
 
     log.close()
     summary = {"stage": stage.name, "step": state["step"], "tokens": state["tokens"],

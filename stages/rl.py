@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import chat_data  # noqa: E402
+import checkpoints  # noqa: E402
 import configs  # noqa: E402
 import generate  # noqa: E402
 import rl  # noqa: E402
@@ -102,13 +103,13 @@ def run(cfg: DictConfig) -> dict:
 
     # ---- resume, or start from the previous stage ----------------------------------------
     state = {"step": 0, "cursor": 0}
-    latest = training.latest_checkpoint(run_dir)
+    latest = checkpoints.latest_checkpoint(run_dir)
     if latest is not None:
-        state = training.load_checkpoint(latest, net, opt)
+        state = checkpoints.load_checkpoint(latest, net, opt)
     else:
-        training.load_model_weights(training.resolve_init(cfg), net)
+        checkpoints.load_model_weights(checkpoints.resolve_init(cfg), net)
     if rank == 0:
-        print(f"[{stage.name}] {'resumed from ' + str(latest) if latest else 'initialised from ' + str(training.resolve_init(cfg))}; "
+        print(f"[{stage.name}] {'resumed from ' + str(latest) if latest else 'initialised from ' + str(checkpoints.resolve_init(cfg))}; "
               f"{len(records)} prompts x 2 modes; data {json.dumps(report['bad'])}", flush=True)
     stream = itertools.islice(itertools.cycle(items), state["cursor"], None)
     gen = torch.Generator().manual_seed(cfg.seed + 1000 * rank + state["step"])
@@ -208,7 +209,7 @@ def run(cfg: DictConfig) -> dict:
         # ---- checkpoint ------------------------------------------------------------------
         finished = state["step"] >= b.steps
         if finished or state["step"] % cfg.checkpoint.every_steps == 0:
-            training.save_checkpoint(run_dir, state["step"], net, opt, state, cfg.checkpoint.keep_last)
+            checkpoints.save_checkpoint(run_dir, state["step"], net, opt, state, cfg.checkpoint.keep_last)
 
     log.close()
     rollouts.close()

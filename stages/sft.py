@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import chat_data  # noqa: E402
+import checkpoints  # noqa: E402
 import configs  # noqa: E402
 import data  # noqa: E402
 import tokenizer as tokmod  # noqa: E402
@@ -105,16 +106,16 @@ def run(cfg: DictConfig) -> dict:
 
     # ---- resume, or start from the previous stage ----------------------------------------
     state = {"step": 0, "tokens": 0}
-    latest = training.latest_checkpoint(run_dir)
+    latest = checkpoints.latest_checkpoint(run_dir)
     if latest is not None:
-        state = training.load_checkpoint(latest, parts, opts)
+        state = checkpoints.load_checkpoint(latest, parts, opts)
         if rank == 0:
             print(f"[{stage.name}] resumed from {latest} at step {state['step']}", flush=True)
     else:
-        init = training.resolve_init(cfg)
+        init = checkpoints.resolve_init(cfg)
         if init is None:
             raise ValueError(f"stage/{stage.name}.yaml init_from is empty: SFT starts from a checkpoint")
-        training.load_model_weights(init, parts)
+        checkpoints.load_model_weights(init, parts)
         if rank == 0:
             print(f"[{stage.name}] initialised from {init}", flush=True)
 
@@ -158,8 +159,8 @@ def run(cfg: DictConfig) -> dict:
         # ---- checkpoint ------------------------------------------------------------------
         finished = state["step"] >= total_steps
         if finished or state["step"] % cfg.checkpoint.every_steps == 0:
-            training.check_embedding_copy(pipe, stage.name)
-            training.save_checkpoint(run_dir, state["step"], parts, opts, state, cfg.checkpoint.keep_last)
+            checkpoints.check_embedding_copy(pipe, stage.name)
+            checkpoints.save_checkpoint(run_dir, state["step"], parts, opts, state, cfg.checkpoint.keep_last)
 
     log.close()
     summary = {"stage": stage.name, "step": state["step"], "total_steps": total_steps, "final_loss": loss_val,

@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import checkpoints  # noqa: E402
 import configs  # noqa: E402,F401  (config resolvers)
 import training  # noqa: E402
 
@@ -44,13 +45,13 @@ result = {"initial": pipe.embedding_drift()}
 for _ in range(3):
     step()
 result["after_3_steps"] = pipe.embedding_drift()
-training.check_embedding_copy(pipe, "drill")  # must pass
+checkpoints.check_embedding_copy(pipe, "drill")  # must pass
 
 pipe.sync_embedding_grads = lambda: None  # negative control: each copy keeps only its own gradient
 step()
 result["unsynced"] = pipe.embedding_drift()
 try:
-    training.check_embedding_copy(pipe, "drill")
+    checkpoints.check_embedding_copy(pipe, "drill")
     result["refused"] = False
 except RuntimeError as e:
     result["refused"] = "drifted" in str(e)

@@ -254,7 +254,8 @@ def test_export_peak_memory_is_bounded_by_one_shard(tmp_path):
 
 
 def test_imported_checkpoint_initialises_a_training_model(exported, tmp_path, single_process_group):
-    """What `stage.init_from` does with the import: training.load_model_weights into the FSDP-wrapped model."""
+    """What `stage.init_from` does with the import: checkpoints.load_model_weights into the FSDP-wrapped model."""
+    import checkpoints
     import training
     from conftest import compose_cfg
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -263,7 +264,7 @@ def test_imported_checkpoint_initialises_a_training_model(exported, tmp_path, si
     hf_io.import_hf(tmp / "hf32", tmp_path / "init", m)
     cfg = compose_cfg(overrides=["parallelism=none"])
     trained, *_ = training.build_model(cfg, 1, bias_update_rate=0.0, seed=123)
-    training.load_model_weights(tmp_path / "init", trained)
+    checkpoints.load_model_weights(tmp_path / "init", trained)
     sd = get_model_state_dict(trained, options=StateDictOptions(full_state_dict=True))
     for k, v in net.state_dict().items():
         got = sd[k].full_tensor() if hasattr(sd[k], "full_tensor") else sd[k]

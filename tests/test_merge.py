@@ -28,7 +28,7 @@ def model_sd(seed: int, dtype=torch.float32) -> dict:
 
 def save(path: Path, sd: dict, optim: bool = True) -> Path:
     state = {"model": sd}
-    if optim:  # like training.save_checkpoint: optimizer state beside the model, never merged
+    if optim:  # like checkpoints.save_checkpoint: optimizer state beside the model, never merged
         state["optim"] = {"state": {"x": torch.ones(3) * 99}}
     dcp.save(state, checkpoint_id=str(path))
     return path
