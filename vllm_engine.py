@@ -143,6 +143,12 @@ class VLLMRollouts:
         self.repack = cpu if repack_cpu_experts is None else repack_cpu_experts
         self.env = vllm_env(m, cfg.hardware.device, v.cpu_kv_cache_gib)
         self.env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core lives in the worker process
+        if not cpu:  # which GPUs the engine may use: by default the trainer rank's own (colocated, TP 1)
+            if v.visible_devices is None and v.tensor_parallel != 1:
+                raise ValueError(f"stage/{cfg.stage.name}.yaml rl.vllm.tensor_parallel={v.tensor_parallel}: set "
+                                 f"rl.vllm.visible_devices to the GPUs each engine may use")
+            self.env["CUDA_VISIBLE_DEVICES"] = str(v.visible_devices if v.visible_devices is not None
+                                                   else os.environ.get("LOCAL_RANK", "0"))
         self.python, self.start_timeout = python, float(v.start_timeout_s)
         self.proc = self.conn = None
         self.log_path = self.engine_dir / "engine.log"

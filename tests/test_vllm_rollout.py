@@ -138,3 +138,22 @@ def test_weight_push_from_fsdp_ep_equals_the_full_state(tmp_path):
     r = json.loads(next(line for line in p.stdout.splitlines() if line.startswith("PUSHCHECK "))[10:])
     assert r["names_equal"] and r["max_abs_diff"] == 0.0, r
     assert r["sharded_params"] > 0 and r["bias_nonzero"] and r["shards"] > 1 and r["config"] == {"probe": True}, r
+
+
+def test_engine_settings_on_a_gpu_node_and_a_missing_vllm(tmp_path, monkeypatch):
+    """The GPU half that cannot run here: engine arguments and device placement, and the one-line
+    refusals (no vLLM install; tensor parallel without the GPUs named). Starts no engine."""
+    base = ["parallelism=none", "hardware=h200_node", "stage.rl.rollout_backend=vllm", f"stage.rl.vllm.python={sys.executable}"]
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    engine = vllm_engine.VLLMRollouts(compose_cfg("rl", base), tmp_path)
+    assert engine.env["CUDA_VISIBLE_DEVICES"] == "3" and "VLLM_MLA_DISABLE" not in engine.env
+    args = engine.engine_args
+    assert args["dtype"] == "bfloat16" and args["gpu_memory_utilization"] == 0.3 and "compilation_config" not in args
+    assert args["distributed_executor_backend"] == "uni" and args["model"] == str(tmp_path.resolve() / "weights")
+    with pytest.raises(ValueError, match=r"rl.yaml rl.vllm.tensor_parallel=8: set rl.vllm.visible_devices"):
+        vllm_engine.VLLMRollouts(compose_cfg("rl", base + ["stage.rl.vllm.tensor_parallel=8"]), tmp_path)
+    tp8 = vllm_engine.VLLMRollouts(compose_cfg("rl", base + ["stage.rl.vllm.tensor_parallel=8",
+                                                             "stage.rl.vllm.visible_devices='0,1,2,3,4,5,6,7'"]), tmp_path)
+    assert tp8.env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7" and tp8.engine_args["distributed_executor_backend"] == "mp"
+    with pytest.raises(FileNotFoundError, match=r"rl.vllm.python=/nowhere/python: not found; run `make serve-setup`"):
+        vllm_engine.VLLMRollouts(compose_cfg("rl", base + ["stage.rl.vllm.python=/nowhere/python"]), tmp_path)
