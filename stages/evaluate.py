@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -164,6 +165,8 @@ def evaluate_checkpoint(net, tok, records: list[dict], cfg: DictConfig, sampled:
 
 def run(cfg: DictConfig) -> dict:
     torch.manual_seed(cfg.seed)
+    # one process: every core this process may run on (torchrun starts it with OMP_NUM_THREADS=1)
+    torch.set_num_threads(cfg.num_threads or len(os.sched_getaffinity(0)))
     tok = tokmod.load_tokenizer(cfg.tokenizer_dir)
     records, report = chat_data.load_posttrain(cfg.posttrain_data, "eval")
     net = generate.build_inference_model(cfg.model)
