@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from generate import Rollout
+from generate import Rollout, request_seeds
 
 
 class EndpointError(RuntimeError):
@@ -69,12 +69,12 @@ class Endpoint:
             tokens = self.tok.encode(choice["text"], add_special_tokens=False)
             tokens += [eos_id] if choice.get("finish_reason") == "stop" else []
         tokens = list(tokens)[:max_new_tokens]
-        return Rollout(tokens, truncated=(not tokens or tokens[-1] != eos_id))
+        return Rollout.of(tokens, eos_id)
 
     def complete(self, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int, temperature: float = 0.0,
                  top_k: int = 0, generator: torch.Generator | None = None, **_) -> list[Rollout]:
         """generate.generate's contract: greedy at temperature 0, else seeded sampling per prompt."""
-        seeds = torch.randint(2**31 - 1, (len(prompts),), generator=generator).tolist()
+        seeds = request_seeds(len(prompts), generator)
         with ThreadPoolExecutor(self.parallel) as pool:
             return list(pool.map(lambda a: self._one(a[0], max_new_tokens, eos_id, temperature, top_k, a[1]),
                                  zip(prompts, seeds)))

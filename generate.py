@@ -46,6 +46,17 @@ class Rollout:
     tokens: list[int]      # generated ids, eos included when produced
     truncated: bool        # hit max_new_tokens without eos (DAPO overlong filtering masks these)
 
+    @classmethod
+    def of(cls, tokens: list[int], eos_id: int) -> "Rollout":
+        """Every backend's rule (this decoder, vLLM, a served endpoint): truncated unless it ends in eos."""
+        return cls(tokens, truncated=(not tokens or tokens[-1] != eos_id))
+
+
+def request_seeds(n: int, generator: torch.Generator | None) -> list[int]:
+    """One sampling seed per prompt for engines that take seeds (vLLM, endpoints), drawn from the
+    caller's generator so their sampled rollouts repeat like this decoder's."""
+    return torch.randint(2**31 - 1, (n,), generator=generator).tolist()
+
 
 class _LayerCache:
     def __init__(self):
@@ -141,7 +152,7 @@ def generate(net, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int,
         key_valid = torch.cat([key_valid, torch.ones(len(active), 1, dtype=torch.bool, device=device)], 1)
         logits = _step(net, nxt[:, None], pos[:, None], caches, key_valid[:, None, None, :])[:, -1]
     net.train(was_training)
-    return [Rollout(o, truncated=(not o or o[-1] != eos_id)) for o in out]
+    return [Rollout.of(o, eos_id) for o in out]
 
 
 class LocalRollouts:

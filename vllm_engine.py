@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
 import hf_io
-from generate import Rollout
+from generate import Rollout, request_seeds
 
 ROOT = Path(__file__).resolve().parent
 CPU_MLA_WIDTH = 576  # vLLM's CPU MLA kernel: kv_lora_rank + qk_rope_head_dim = 512 + 64 (A.X K1's) only
@@ -213,10 +213,10 @@ class VLLMRollouts:
     def sample(self, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int, temperature: float,
                generator: torch.Generator | None = None) -> list[Rollout]:
         """One completion per prompt (repeat a prompt for a group); eos kept, as generate.generate does."""
-        seeds = torch.randint(2**31 - 1, (len(prompts),), generator=generator).tolist()
+        seeds = request_seeds(len(prompts), generator)
         out = self._call({"op": "generate", "prompts": [list(map(int, p)) for p in prompts], "seeds": seeds,
                           "temperature": float(temperature), "max_tokens": int(max_new_tokens), "stop_ids": [int(eos_id)]})
-        return [Rollout(toks, truncated=(not toks or toks[-1] != eos_id)) for toks in out["outputs"]]
+        return [Rollout.of(toks, eos_id) for toks in out["outputs"]]
 
     def close(self) -> None:
         if self.conn is not None and self.proc.poll() is None:

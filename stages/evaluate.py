@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import chat_data  # noqa: E402
+import checkpoints  # noqa: E402
 from endpoint import Endpoint, EndpointError  # noqa: E402
 import generate  # noqa: E402
 import rl  # noqa: E402
@@ -44,10 +45,10 @@ def resolve(cfg: DictConfig, label: str, src: str) -> Path:
     if (p / ".metadata").exists():
         return p
     run = Path(cfg.paths.runs) / cfg.model.name / src
-    ptr = run / "checkpoints" / "latest"
-    if not ptr.exists() or not (run / "DONE.json").exists():
+    latest = checkpoints.latest_checkpoint(run)
+    if latest is None or not (run / "DONE.json").exists():
         raise FileNotFoundError(f"conf/evaluate.yaml checkpoints.{label}={src}: no finished run at {run}")
-    return run / "checkpoints" / ptr.read_text().strip()
+    return latest
 
 
 def load_weights(net: torch.nn.Module, ckpt: Path) -> None:
