@@ -14,7 +14,6 @@ ARGS      ?=
 # WAIT=1 waits for the chain and fails if a stage failed.
 LAUNCHER  ?= local
 WAIT      ?=
-export PYTHONPATH := $(CURDIR)
 export OMP_NUM_THREADS ?= 1
 
 .PHONY: setup test smoke pretrain post status params bench clean
@@ -23,6 +22,7 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
 setup: $(VENV)/.installed

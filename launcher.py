@@ -10,7 +10,7 @@ A spec is SCRIPT[:STAGE][,OVERRIDE...], several joined by `+` run side by side: 
 stages/SCRIPT.py and its config conf/SCRIPT.yaml, STAGE adds `stage=STAGE`, and the overrides
 apply to that stage only. Each spec waits for every job of the spec before it (Slurm afterok;
 kill-on-invalid-dep cancels the dependants of a failed stage). Arguments with `=` are Hydra
-overrides for every stage. The config is composed and checked (configs.errors) before anything
+overrides for every stage. The config is composed and checked (config_checks.errors) before anything
 is submitted; a bad combination stops here with one line.
 
 On Slurm each task of a job is one rank: SlurmTask exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*
@@ -37,7 +37,7 @@ import submitit
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from stages.status import slurm_state, status, wait_jobs  # noqa: F401  (also the launcher's API)
+from kit.run_status import slurm_state, status, wait_jobs  # noqa: F401  (also the launcher's API)
 
 ROOT = Path(__file__).resolve().parent
 CHAINS = {  # SPEC 3 (pre-training stages) and SPEC 4 (Think-Fusion post-training)
@@ -58,7 +58,7 @@ def _compose(script: str, overrides: list[str], conf_dir: Path) -> DictConfig:
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
-    import configs  # noqa: F401  registers the kit's OmegaConf resolvers (e.g. same_tokens)
+    from kit import config_checks  # noqa: F401  registers the kit's OmegaConf resolvers (e.g. same_tokens)
 
     with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base="1.3", job_name=script):
         cfg = hydra_compose(config_name=script, overrides=overrides, return_hydra_config=True)
@@ -100,9 +100,9 @@ def config_errors(cfg: DictConfig) -> list[str]:
     if hw.device == "cuda" and hw.procs_per_node != hw.gpus_per_node:
         out.append(f"hardware/{hw.name}.yaml: procs_per_node={hw.procs_per_node} must equal "
                    f"gpus_per_node={hw.gpus_per_node} (one rank per GPU)")
-    if "stage" in cfg and "budget" in cfg.stage:  # the training stages; configs.py is the lead's checker
-        import configs
-        out += configs.errors(cfg) + configs.loop_errors(cfg)
+    if "stage" in cfg and "budget" in cfg.stage:  # the training stages; config_checks.py is the lead's checker
+        from kit import config_checks
+        out += config_checks.errors(cfg) + config_checks.loop_errors(cfg)
     return out
 
 
@@ -163,14 +163,13 @@ class HydraCallback(Callback):
     through hydra-submitit-launcher, checked first, one task per rank."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        # Check the base config once, before any job is submitted; the tasks need this repo
-        # importable (they unpickle the stage's code), and sbatch/local jobs inherit os.environ.
+        # Check the base config once, before any job is submitted (the tasks find the kit through
+        # its editable install in .venv, see pyproject.toml).
         job = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         try:
             check(job)
         except LaunchError as e:
             sys.exit(f"axk1: {e}")
-        os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         # `python stages/X.py launcher=slurm ...` (no -m): submit through this launcher, like
@@ -212,9 +211,7 @@ def slurm_executor(cfg: DictConfig, folder: Path, name: str, after: list[str]) -
         slurm_constraint=sl.get("constraint"), slurm_exclusive=sl.get("exclusive"),
         slurm_signal_delay_s=sl["signal_delay_s"], slurm_additional_parameters=extra,
         slurm_srun_args=list(sl.get("srun_args") or []),
-        # The tasks import this repo (stages, model code) whatever the submitting shell had set.
-        slurm_setup=[f"export PYTHONPATH={ROOT}${{PYTHONPATH:+:$PYTHONPATH}}",
-                     "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}",
+        slurm_setup=["export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}",
                      *(sl.get("setup") or [])],
     )
     ex.update_parameters(**{k: v for k, v in params.items() if v is not None})
@@ -250,10 +247,9 @@ def run_local(script_path: Path, cfg: DictConfig, overrides: list[str]) -> int:
     run_dir = Path(cfg.run_dir).resolve()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={hardware_of(cfg).procs_per_node}", str(script_path), *overrides]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     record(run_dir, launcher="local", state="RUNNING", overrides=overrides)
     print(f"[launcher] {' '.join(cmd)}", flush=True)
-    rc = subprocess.call(cmd, env=env)
+    rc = subprocess.call(cmd)
     record(run_dir, launcher="local", state="COMPLETED" if rc == 0 else "FAILED", returncode=rc)
     return rc
 
@@ -316,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [x for x in a.args if x not in specs]
     try:
         if a.command == "status":
-            from stages.status import print_status
+            from kit.run_status import print_status
             print_status(Path(a.runs))
             return 0
         if not specs:
@@ -333,10 +329,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"ok: {path.stem} on {hw.nodes} x {hw.procs_per_node} ranks ({hw.name}), "
                       f"launcher {OmegaConf.select(cfg, 'launcher.name', default='local')}")
                 if OmegaConf.select(cfg, "parallelism.pp", default=1) > 1 and "budget" in cfg.stage:
-                    import configs
-                    import pipeline  # the stage split the trainer builds, validated
+                    from kit import config_checks
+                    from kit import pipeline  # the stage split the trainer builds, validated
                     p = cfg.parallelism
-                    print(pipeline.split_report(cfg.model, p.pp * p.pp_stages_per_rank, configs.budget(cfg).seq_len))
+                    print(pipeline.split_report(cfg.model, p.pp * p.pp_stages_per_rank, config_checks.budget(cfg).seq_len))
             return 0
         if a.command == "run" and len(specs) != 1:
             raise LaunchError("run takes one spec; use chain for several")

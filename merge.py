@@ -37,7 +37,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from progress import progress
+from kit.progress_bar import progress
 
 PREFIX = "model."
 ROW_CHUNK_ELEMS = 1 << 24  # float32 scratch per chunk: 64 MiB, whatever the tensor size

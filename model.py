@@ -33,9 +33,9 @@ from torchtitan.models.deepseek_v3.model import DeepSeekV3Model, DeepSeekV3Trans
 from torchtitan.models.deepseek_v3.mtp import roll_mtp_sequence
 from torchtitan.protocols.model_spec import ModelSpec
 
-import context_parallel
+from kit import context_parallel
 import kernels
-import memory
+from kit import memory_features
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
@@ -264,7 +264,7 @@ def build_model_config(m: DictConfig, *, attention: str, moe_comm_backend: str =
                        expert_gemm_dtype: str = "bfloat16", expert_fuse_gate_up: bool = False,
                        bias_update_rate: float = 1e-3, ce_chunk_tokens: int = 0) -> AXK1Model.Config:
     """Turn the Hydra `model` group (conf/model/*.yaml) into torchtitan's config tree.
-    `ce_chunk_tokens` > 0 gives the head a chunked cross-entropy (memory.ChunkedHead)."""
+    `ce_chunk_tokens` > 0 gives the head a chunked cross-entropy (memory_features.ChunkedHead)."""
     std = m.init_std
     linear_init, norm_init = _std_init(std), {"weight": torch.nn.init.ones_}
     experts_init = {k: (lambda w: torch.nn.init.trunc_normal_(w, std=std)) for k in ("w1_EFD", "w2_EDF", "w3_EFD")}
@@ -318,7 +318,7 @@ def build_model_config(m: DictConfig, *, attention: str, moe_comm_backend: str =
         tok_embeddings=Embedding.Config(num_embeddings=m.vocab_size, embedding_dim=m.dim,
                                         param_init={"weight": lambda w: torch.nn.init.normal_(w, std=std)}),
         norm=norm(),
-        lm_head=memory.ChunkedHead.Config(in_features=m.dim, out_features=m.vocab_size, param_init=linear_init,
+        lm_head=memory_features.ChunkedHead.Config(in_features=m.dim, out_features=m.vocab_size, param_init=linear_init,
                                           chunk_tokens=ce_chunk_tokens),
         layers=blocks, mtp_layers=mtp,
         enable_weight_tying=False,  # untied embeddings (SPEC 1)

@@ -26,7 +26,7 @@ from typing import Iterable, Iterator
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from progress import progress
+from kit.progress_bar import progress
 
 # One-token control strings. bos/eos separate documents; role tokens open chat turns.
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"

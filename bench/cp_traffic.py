@@ -2,7 +2,7 @@
 all-gather of per-head K/V (what torchtitan's CP moves), computed for the 519B shapes at 16K/CP 4
 and 32K/CP 8 (paper 3.4) and measured on the tiny model.
 
-    PYTHONPATH=. .venv/bin/python bench/cp_traffic.py            # table; launches 2 gloo ranks for tiny
+    .venv/bin/python bench/cp_traffic.py            # table; launches 2 gloo ranks for tiny
 
 Bytes are those one attention layer sends over the network in one training step, all CP ranks of
 one group together: the forward all-gather (each rank sends its L/cp tokens to cp-1 peers) plus
@@ -25,11 +25,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def compose(overrides: list[str]):
-    import configs  # noqa: F401  (registers the config resolvers)
+    from kit import config_checks  # noqa: F401  (registers the config resolvers)
     from hydra import compose as hydra_compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -53,9 +52,9 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    import context_parallel
+    from kit import context_parallel
     import data
-    import training
+    from kit import training
 
     cfg = compose(["parallelism=cpu_cp_ep", f"stage={args.stage}", f"data.root={args.data_root}"])
     rank, world = training.init_distributed(cfg.hardware)
@@ -89,7 +88,7 @@ def measure_tiny(stage: str, data_root: str) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            __file__, "--worker", "--stage", stage, "--data-root", data_root]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)

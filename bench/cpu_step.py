@@ -1,7 +1,7 @@
 """One CPU training step of the kit against transformers' reference A.X K1, side by side.
 
-    PYTHONPATH=. .venv/bin/python bench/cpu_step.py                       # tok/s table
-    PYTHONPATH=. .venv/bin/python bench/cpu_step.py --expert-gemm-dtype bfloat16 --profile
+    .venv/bin/python bench/cpu_step.py                       # tok/s table
+    .venv/bin/python bench/cpu_step.py --expert-gemm-dtype bfloat16 --profile
 
 Both sides get the same shapes (vocab, hidden, layers, dense/MoE layout, experts, top-k, groups,
 MLA dims), the same batch x seq tokens per step, fp32, torch.optim.AdamW (foreach) and grad-norm
@@ -42,7 +42,6 @@ args = ap.parse_args()
 if args.omp_wait_policy != "default":
     os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
 import statistics  # noqa: E402  (after OMP_WAIT_POLICY is set)
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -53,9 +52,8 @@ from omegaconf import OmegaConf  # noqa: E402
 from torchtitan.distributed.utils import clip_grad_norm_  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 import model as axk1  # noqa: E402
-import training  # noqa: E402
+from kit import training  # noqa: E402
 
 # ~8.8M parameters (no MTP): the tiny model's structure with a wider hidden size / vocab.
 BENCH_MODEL = ["model.dim=256", "model.vocab_size=8192", "model.dense_hidden_dim=768", "model.moe_hidden_dim=96"]

@@ -1,6 +1,6 @@
 """Tokens/s per core of each curation step on real tiny-corpus text (one process, one thread).
 
-  PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python bench/data_throughput.py [--mb 2]
+  OMP_NUM_THREADS=1 .venv/bin/python bench/data_throughput.py [--mb 2]
 
 Token counts use the tiny tokenizer (artifacts/tokenizer/tiny, `make tokenizer` first), so the
 figures read as "pipeline tokens per second per core"; cluster throughput is this times cores, as
@@ -8,18 +8,15 @@ every step is embarrassingly parallel across datatrove tasks (MinHash buckets in
 """
 import argparse
 import random
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datatrove.data import Document  # noqa: E402
 from datatrove.pipeline.dedup import MinhashDedupSignature  # noqa: E402
 from datatrove.pipeline.dedup.minhash import MinhashConfig  # noqa: E402
 from datatrove.utils.hashing import HashConfig  # noqa: E402
 
-import curation as C  # noqa: E402
+from kit import curation  # noqa: E402
 import data as D  # noqa: E402
 import tokenizer as tk  # noqa: E402
 
@@ -50,18 +47,18 @@ def main():
         fn()
         steps[name] = time.perf_counter() - t
 
-    for name, f in [("filter: length", C.LengthFilter()), ("filter: symbols", C.SymbolRatioFilter()),
-                    ("filter: repetition (datatrove Gopher)", C.RepetitionFilter()),
-                    ("filter: language id", C.LanguageFilter(skip_langs=())), ("exact dedup", C.ExactDedupFilter())]:
+    for name, f in [("filter: length", curation.LengthFilter()), ("filter: symbols", curation.SymbolRatioFilter()),
+                    ("filter: repetition (datatrove Gopher)", curation.RepetitionFilter()),
+                    ("filter: language id", curation.LanguageFilter(skip_langs=())), ("exact dedup", curation.ExactDedupFilter())]:
         timed(name, lambda f=f: [f.filter(d) for d in docs])
     mh = MinhashDedupSignature("/tmp/_bench_sigs", MinhashConfig(hash_config=HashConfig(hash_fc="sha1", precision=64)),
-                               language=C.WORDS)
+                               language=curation.WORDS)
     timed("minhash signature (datatrove stage 1)", lambda: [mh.get_signature(mh.get_shingles(t)) for t in texts])
     rng = random.Random(0)
-    clf = C.HashedLinear(["bad", "good"]).fit(texts[:200] + [C.corrupt(t, rng) for t in texts[:200]], ["good"] * 200 + ["bad"] * 200)
-    C._features.cache_clear()
+    clf = curation.HashedLinear(["bad", "good"]).fit(texts[:200] + [curation.corrupt(t, rng) for t in texts[:200]], ["good"] * 200 + ["bad"] * 200)
+    curation._features.cache_clear()
     timed("quality/domain model inference (hashed linear)", lambda: clf.predict_proba(texts))
-    timed("difficulty score", lambda: [C.difficulty_score(t) for t in texts])
+    timed("difficulty score", lambda: [curation.difficulty_score(t) for t in texts])
     print(f"{len(docs)} docs, {size / 1e6:.2f} MB, {n_tokens} tokens (tiny tokenizer)\n")
     print("| step | seconds | tokens/s per core | MB/s per core |\n|---|---|---|---|")
     for name, sec in steps.items():

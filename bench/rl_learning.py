@@ -1,7 +1,7 @@
 """Does the RL stage learn? Held-out instruction-following reward and accuracy before and after RL.
 
-    PYTHONPATH=. .venv/bin/python bench/rl_learning.py                      # from runs/tiny/mod_sft
-    PYTHONPATH=. .venv/bin/python bench/rl_learning.py --init runs/tiny/mod_sft --prompts 64 --n 8 stage.budget.tiny.steps=40
+    .venv/bin/python bench/rl_learning.py                      # from runs/tiny/mod_sft
+    .venv/bin/python bench/rl_learning.py --init runs/tiny/mod_sft --prompts 64 --n 8 stage.budget.tiny.steps=40
 
 Starts from a checkpoint that is weak on the task family the RL data is made of (the IFEval-style
 constraints of chat_data.instruction_task; by default the smoke chain's MOD checkpoint), scores it
@@ -17,19 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import chat_data  # noqa: E402
-import checkpoints  # noqa: E402
-import configs  # noqa: E402
-import generate  # noqa: E402
+from kit import chat_data  # noqa: E402
+from kit import checkpoints  # noqa: E402
+from kit import config_checks  # noqa: E402
+from kit import kv_decoding  # noqa: E402
 import launcher  # noqa: E402
 import rl  # noqa: E402
 import tokenizer as tokmod  # noqa: E402
-from stages import evaluate as ev  # noqa: E402
+from stages import evaluate as ev
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("reward", "accuracy", "malformed")
@@ -66,7 +64,7 @@ def main() -> None:
     ecfg.posttrain_data.mix.eval = dict(ecfg.posttrain_data.mix.rl)  # the RL pool's task family and languages
     tok = tokmod.load_tokenizer(ecfg.tokenizer_dir)
     records, _ = chat_data.load_posttrain(ecfg.posttrain_data, "eval")
-    net = generate.build_inference_model(ecfg.model)
+    net = kv_decoding.build_inference_model(ecfg.model)
 
     before = score(ecfg, net, tok, records, init)
 
@@ -86,7 +84,7 @@ def main() -> None:
         return f"{f.format(m)} [{f.format(lo)}, {f.format(hi)}]"
 
     print(f"\nRL learning bench: {len(records)} held-out instruction prompts x {a.n} samples per mode at "
-          f"T={ecfg.sampled.temperature}; init {init}; RL {rcfg.stage.name} x {configs.budget(rcfg).steps} steps "
+          f"T={ecfg.sampled.temperature}; init {init}; RL {rcfg.stage.name} x {config_checks.budget(rcfg).steps} steps "
           f"(lr_factor {rcfg.stage.lr_factor}) in {seconds:.0f} s")
     print(f"{'mode':13s} {'metric':9s} {'before [95% CI]':>24s} {'after [95% CI]':>24s} {'after - before (paired)':>26s}")
     rows = {}

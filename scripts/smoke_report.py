@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stages import report  # noqa: E402  the plotting code of `make report`
-from stages.evaluate import bootstrap_ci  # noqa: E402
+from stages import report  # the plotting code of `make report`
+from stages.evaluate import bootstrap_ci
 
 PRETRAIN = ["pretrain_s1", "pretrain_s2", "pretrain_s3_16k", "pretrain_s3_32k"]
 SFT = ["sft_instruct", "sft_reasoning", "mod_sft"]

@@ -13,20 +13,18 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-import curation as C
+from kit import curation
 import data as D
 import tokenizer as tk
-from progress import progress
+from kit.progress_bar import progress
 
 TOKENIZE_BATCH = 4096  # documents per encode_batch call (tokenizers parallelises inside one), a progress tick each
 
@@ -90,7 +88,7 @@ def filter_and_dedup(docs: list[dict], dc: DictConfig, work: Path, audit: dict) 
                                                 "lang": d["lang"], "category": d["category"]}, ensure_ascii=False) + "\n")
     for f in outs:
         f.close()
-    filters = C.build_filters(OmegaConf.to_container(dc.filters, resolve=True))
+    filters = curation.build_filters(OmegaConf.to_container(dc.filters, resolve=True))
     mh = OmegaConf.to_container(dc.minhash, resolve=True)
     mcfg = MinhashConfig(n_grams=int(mh["n_grams"]), num_buckets=int(mh["num_buckets"]),
                          hashes_per_bucket=int(mh["hashes_per_bucket"]), seed=int(mh.get("seed", 1)),
@@ -114,7 +112,7 @@ def filter_and_dedup(docs: list[dict], dc: DictConfig, work: Path, audit: dict) 
                     bypass.append(rec["id"])
                 else:
                     out.write(line)
-    sig = _executor(ex, [JsonlReader(str(work / "to_dedup")), MinhashDedupSignature(str(work / "sigs"), mcfg, language=C.WORDS)],
+    sig = _executor(ex, [JsonlReader(str(work / "to_dedup")), MinhashDedupSignature(str(work / "sigs"), mcfg, language=curation.WORDS)],
                     1, "minhash1", work)
     buck = _executor(ex, [MinhashDedupBuckets(str(work / "sigs"), str(work / "buckets"), config=mcfg)],
                      mcfg.num_buckets, "minhash2", work, depends=sig)
@@ -166,8 +164,8 @@ def classify(docs: list[dict], dc: DictConfig, audit: dict) -> list[dict]:
     if q.get("enabled", True):
         # Labelled data the kit makes: surviving documents are "good", corrupted copies are "bad".
         sample = stratified_sample(docs, int(q.get("train_docs", 600)), rng)
-        neg = [C.corrupt(t, rng) for t in sample]
-        clf = C.build_classifier(q, sample + neg, ["good"] * len(sample) + ["bad"] * len(neg), ["bad", "good"])
+        neg = [curation.corrupt(t, rng) for t in sample]
+        clf = curation.build_classifier(q, sample + neg, ["good"] * len(sample) + ["bad"] * len(neg), ["bad", "good"])
         p_good = clf.predict_proba(texts)[:, clf.labels.index("good")]
         keep = p_good >= float(q["threshold"])
         audit["drops"]["quality_model:low_quality"] = int((~keep).sum())
@@ -179,7 +177,7 @@ def classify(docs: list[dict], dc: DictConfig, audit: dict) -> list[dict]:
         rng.shuffle(idx)
         n_eval = len(idx) // 5  # held-out accuracy goes into the manifest
         tr, ev = idx[n_eval:], idx[:n_eval]
-        clf = C.build_classifier(dm, [docs[i]["text"] for i in tr], [docs[i]["category"] for i in tr], labels)
+        clf = curation.build_classifier(dm, [docs[i]["text"] for i in tr], [docs[i]["category"] for i in tr], labels)
         proba = clf.predict_proba([d["text"] for d in docs])
         pred, conf = proba.argmax(1), proba.max(1)
         acc = float(np.mean([clf.labels[pred[i]] == docs[i]["category"] for i in ev])) if ev else 1.0
@@ -192,7 +190,7 @@ def classify(docs: list[dict], dc: DictConfig, audit: dict) -> list[dict]:
                 d["category"] = clf.labels[p]
         audit["domain_classifier"]["relabelled_docs"] = int(relabelled)
     for d in docs:
-        d["difficulty"] = C.difficulty_score(d["text"])
+        d["difficulty"] = curation.difficulty_score(d["text"])
     return docs
 
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 import time
-from pathlib import Path
 
 import hydra
 import torch
@@ -28,12 +26,11 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import configs  # noqa: E402
-import memory_model  # noqa: E402
-import perf_model  # noqa: E402
-import pipeline  # noqa: E402
-import training  # noqa: E402
+from kit import config_checks  # noqa: E402
+from kit import activation_memory  # noqa: E402
+from kit import cost_model  # noqa: E402
+from kit import pipeline  # noqa: E402
+from kit import training  # noqa: E402
 
 GB = 1e9
 FSDP_DIMS = {"fsdp", "efsdp", "dp_replicate", "dp_shard"}  # mesh dims FSDP gathers over
@@ -126,7 +123,7 @@ def in_flight(p: DictConfig, stage: int, n_micro: int) -> float:
         return float(min(p.pp - stage, n_micro))
     if name in ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble"):
         return min((v - 1) * p.pp + 2 * (p.pp - 1 - stage) + 1, n_micro * v) / v
-    raise configs.ConfigError(f"parallelism/{p.name}.yaml pp_schedule={name}: the dry run has no in-flight model "
+    raise config_checks.ConfigError(f"parallelism/{p.name}.yaml pp_schedule={name}: the dry run has no in-flight model "
                               f"for it (expected 1F1B | Interleaved1F1B | GPipe)")
 
 
@@ -135,10 +132,10 @@ def in_flight(p: DictConfig, stage: int, n_micro: int) -> float:
 # ----------------------------------------------------------------------------------------
 def memory_plan(cfg: DictConfig, parts: list[torch.nn.Module], stage: int, n_micro: int) -> dict:
     m, hw, p = cfg.model, cfg.hardware, cfg.parallelism
-    b = configs.budget(cfg)
+    b = config_checks.budget(cfg)
     mode = p.activation_checkpoint
     if mode not in ("none", "paper", "full"):
-        raise configs.ConfigError(f"parallelism/{p.name}.yaml activation_checkpoint={mode}: the activation formula "
+        raise config_checks.ConfigError(f"parallelism/{p.name}.yaml activation_checkpoint={mode}: the activation formula "
                                   f"(memory_model) covers none | paper | full; torchtitan's op-level `selective` "
                                   f"has no closed form")
     act_b = DTYPE_BYTES[hw.param_dtype]
@@ -177,7 +174,7 @@ def memory_plan(cfg: DictConfig, parts: list[torch.nn.Module], stage: int, n_mic
 
     def layer_bytes(i: int, rmode: str) -> int:
         moe = i >= m.n_dense_layers
-        n = memory_model.activation_bytes_per_layer(m, tokens_seq, p.micro_batch, rmode, act_b, moe=moe, device=device)
+        n = activation_memory.activation_bytes_per_layer(m, tokens_seq, p.micro_batch, rmode, act_b, moe=moe, device=device)
         if p.cp > 1 and rmode != "full":
             # the kit's CP (context_parallel.py) all-gathers the compressed KV latent per layer
             # and up-projects it for the whole sequence: the gathered latent is kept, and without
@@ -191,8 +188,8 @@ def memory_plan(cfg: DictConfig, parts: list[torch.nn.Module], stage: int, n_mic
     ce_chunk = p.get("ce_chunk_tokens", 0) or 0
     per_mb = sum(layer_bytes(i, mode) for i in layers)
     if head:
-        per_mb += memory_model.head_bytes(m, tokens_seq, p.micro_batch, ce_chunk, act_b, device)
-        per_mb += mtp * memory_model.mtp_bytes(m, tokens_seq, p.micro_batch, mode, ce_chunk, act_b, device)
+        per_mb += activation_memory.head_bytes(m, tokens_seq, p.micro_batch, ce_chunk, act_b, device)
+        per_mb += mtp * activation_memory.mtp_bytes(m, tokens_seq, p.micro_batch, mode, ce_chunk, act_b, device)
     out["activations"] = int(per_mb * in_flight(p, stage, n_micro))
     out["act_per_microbatch"], out["in_flight"] = per_mb, in_flight(p, stage, n_micro)
     # backward recomputes one layer at a time: its full activation set exists transiently
@@ -215,11 +212,11 @@ def memory_plan(cfg: DictConfig, parts: list[torch.nn.Module], stage: int, n_mic
 def main(cfg: DictConfig) -> None:
     t0 = time.perf_counter()
     m, hw, p = cfg.model, cfg.hardware, cfg.parallelism
-    world = configs.world_size_of(cfg)
-    b = configs.budget(cfg)
-    for line in configs.errors(cfg, world):
+    world = config_checks.world_size_of(cfg)
+    b = config_checks.budget(cfg)
+    for line in config_checks.errors(cfg, world):
         print(f"note: the trainer refuses this config: {line}")
-    deg = configs.mesh_degrees(cfg, world)
+    deg = config_checks.mesh_degrees(cfg, world)
     n_micro = b.batch_end // (deg["dp"] * p.micro_batch)
     training._patch_torchtitan_device("cpu")  # meshes of the fake world; parameters stay on meta
     if p.moe_comm_backend == "deepep" and importlib.util.find_spec("deep_ep") is None:
@@ -277,7 +274,7 @@ def main(cfg: DictConfig) -> None:
     fits = worst["total"] <= cap
 
     stages = pipeline.stage_split(m, p.pp * p.pp_stages_per_rank, b.seq_len) if p.pp > 1 else None
-    t = perf_model.step_time(m, hw, p, seq_len=b.seq_len, global_batch=b.batch_end, world=world, stages=stages)
+    t = cost_model.step_time(m, hw, p, seq_len=b.seq_len, global_batch=b.batch_end, world=world, stages=stages)
     print(f"\nlargest: stage {worst['stage']} (rank {worst['ranks'][0][0]}) {worst['total'] / GB:.1f} GB of "
           f"{hw.memory_gb} GB: fits: {str(fits).lower()}")
     print(f"time model: {t.total_s:.1f} s/step (compute {t.compute_s:.1f}, EP {t.ep_s:.1f}, PP bubble "

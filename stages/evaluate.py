@@ -28,14 +28,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig, OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import chat_data  # noqa: E402
-import checkpoints  # noqa: E402
-from endpoint import Endpoint, EndpointError  # noqa: E402
-import generate  # noqa: E402
+from kit import chat_data  # noqa: E402
+from kit import checkpoints  # noqa: E402
+from kit.openai_client import Endpoint, EndpointError  # noqa: E402
+from kit import kv_decoding  # noqa: E402
 import rl  # noqa: E402
 import tokenizer as tokmod  # noqa: E402
-from progress import progress  # noqa: E402
+from kit.progress_bar import progress  # noqa: E402
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
@@ -64,7 +63,7 @@ def load_weights(net: torch.nn.Module, ckpt: Path) -> None:
 
 def decode(net):
     """The kit's KV-cached decoder for a checkpoint, the server's completions for an endpoint."""
-    return net.complete if isinstance(net, Endpoint) else functools.partial(generate.generate, net)
+    return net.complete if isinstance(net, Endpoint) else functools.partial(kv_decoding.generate, net)
 
 
 @torch.no_grad()
@@ -170,7 +169,7 @@ def run(cfg: DictConfig) -> dict:
     torch.set_num_threads(cfg.num_threads or len(os.sched_getaffinity(0)))
     tok = tokmod.load_tokenizer(cfg.tokenizer_dir)
     records, report = chat_data.load_posttrain(cfg.posttrain_data, "eval")
-    net = generate.build_inference_model(cfg.model)
+    net = kv_decoding.build_inference_model(cfg.model)
     out_dir = Path(cfg.run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, all_samples = {}, []

@@ -17,8 +17,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import hf_io  # noqa: E402
+from kit import hf_io  # noqa: E402
 
 
 def run(cfg: DictConfig) -> dict:

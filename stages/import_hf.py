@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import hf_io  # noqa: E402
+from kit import hf_io  # noqa: E402
 
 
 @hydra.main(config_path="../conf", config_name="import_hf", version_base="1.3")

@@ -17,8 +17,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import checkpoints  # noqa: E402
+from kit import checkpoints  # noqa: E402
 import merge  # noqa: E402
 
 

@@ -10,16 +10,13 @@ line: granularity, vocab_compute_optimal, vocab_chosen, batch_tokens, lr_peak, t
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import configs  # noqa: E402
-import perf_model  # noqa: E402
-import planner  # noqa: E402
+from kit import config_checks  # noqa: E402
+from kit import cost_model  # noqa: E402
+from kit import planner  # noqa: E402
 
 
 TIME_PARTS = ("compute_s", "ep_s", "pp_bubble_s", "pp_p2p_s", "dp_s", "cp_s")
@@ -28,16 +25,16 @@ TIME_PARTS = ("compute_s", "ep_s", "pp_bubble_s", "pp_p2p_s", "dp_s", "cp_s")
 def table2_rows(cfg: DictConfig, splits: dict | None = None) -> list[dict]:
     """The time model at each Table 2 layout (conf/plan.yaml: table2), same model/hardware/batch.
     `splits` caches each layout's stage split (the trainer's split builds the model on meta)."""
-    b = configs.budget(cfg)
-    world = configs.world_size_of(cfg)
+    b = config_checks.budget(cfg)
+    world = config_checks.world_size_of(cfg)
     splits = {} if splits is None else splits
     rows = []
     for row in cfg.table2:
         layout = {k: v for k, v in row.items() if k not in ("name", "paper_tflops")}
         p = OmegaConf.merge(OmegaConf.to_container(cfg.parallelism, resolve=True), layout)
         if row.name not in splits:
-            splits[row.name] = perf_model.stage_fqns(cfg.model, p, b.seq_len)
-        t = perf_model.step_time(cfg.model, cfg.hardware, p, seq_len=b.seq_len, global_batch=b.batch_end,
+            splits[row.name] = cost_model.stage_fqns(cfg.model, p, b.seq_len)
+        t = cost_model.step_time(cfg.model, cfg.hardware, p, seq_len=b.seq_len, global_batch=b.batch_end,
                                  world=world, stages=splits[row.name])
         rows.append({"name": row.name, "ep": p.ep, "pp": p.pp, "paper_tflops": row.paper_tflops,
                      "model_tflops": t.tflops_per_gpu, "mfu": t.mfu, "step_s": t.total_s,

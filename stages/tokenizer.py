@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 from pathlib import Path
 
 # This script's own name would shadow the top-level tokenizer module: put the repo root first.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hydra
 from omegaconf import DictConfig, OmegaConf

@@ -1,9 +1,9 @@
 """Shared fixtures: composed Hydra configs, a one-process gloo group, the tiny data artifacts."""
 
+import importlib.util
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 from hydra import compose, initialize_config_dir
 
+from kit import config_checks  # noqa: F401  (registers the config resolvers)
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import configs  # noqa: E402,F401  (registers the config resolvers)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Set in this process by training.init_distributed (the single_process_group fixture): a child
@@ -29,9 +29,17 @@ def free_port() -> int:
 
 
 def child_env(**extra: str) -> dict:
-    """os.environ for a stage run as a child process: no inherited rendezvous, PYTHONPATH=ROOT."""
+    """os.environ for a stage run as a child process: no inherited rendezvous, one thread."""
     env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
-    return {**env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
+def stage_module(name: str):
+    """A stage script (stages/<name>.py) imported as a module, to call its functions in-process."""
+    spec = importlib.util.spec_from_file_location(f"stages.{name}", ROOT / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def compose_cfg(name: str = "pretrain", overrides: list[str] | None = None):
@@ -42,7 +50,7 @@ def compose_cfg(name: str = "pretrain", overrides: list[str] | None = None):
 @pytest.fixture(scope="session")
 def single_process_group():
     """A world of one (gloo), for code that needs torch.distributed but not several ranks."""
-    import training
+    from kit import training
 
     training.init_distributed(compose_cfg().hardware)
     yield

@@ -3,14 +3,11 @@ CP against the same layer on the full rows, forward and gradients. Every rank bu
 layer and inputs from one seed; prints one JSON line of max errors on rank 0."""
 
 import json
-import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import context_parallel  # noqa: E402
+from kit import context_parallel  # noqa: E402
 import kernels  # noqa: E402
 import model as axk1  # noqa: E402
 

@@ -5,17 +5,15 @@ switched off must make them differ, and the pre-checkpoint check must then refus
 JSON line (PPCHECK ...) on rank 0."""
 
 import json
-import sys
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import checkpoints  # noqa: E402
-import configs  # noqa: E402,F401  (config resolvers)
-import training  # noqa: E402
+from kit import checkpoints  # noqa: E402
+from kit import config_checks  # noqa: E402,F401  (config resolvers)
+from kit import training  # noqa: E402
 
 with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
     cfg = compose("pretrain", overrides=["parallelism=cpu_pp", "run_dir=/tmp/unused"])

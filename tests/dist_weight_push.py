@@ -13,11 +13,10 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import configs  # noqa: E402,F401  (config resolvers)
-import hf_io  # noqa: E402
-import training  # noqa: E402
-import vllm_engine  # noqa: E402
+from kit import config_checks  # noqa: E402,F401  (config resolvers)
+from kit import hf_io  # noqa: E402
+from kit import training  # noqa: E402
+from kit import vllm_engine  # noqa: E402
 
 out = Path(sys.argv[1])
 with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 from omegaconf import OmegaConf
 
-import chat_data as C
+from kit import chat_data
 import rl
 import tokenizer as T
 
@@ -20,8 +20,8 @@ def tok():
 
 
 def test_generator_is_seeded_and_correct():
-    a, b = C.generate_tasks(300, 7, MIX, heldout=False), C.generate_tasks(300, 7, MIX, heldout=False)
-    assert a == b and a != C.generate_tasks(300, 8, MIX, heldout=False)
+    a, b = chat_data.generate_tasks(300, 7, MIX, heldout=False), chat_data.generate_tasks(300, 7, MIX, heldout=False)
+    assert a == b and a != chat_data.generate_tasks(300, 8, MIX, heldout=False)
     assert Counter(t["lang"] for t in a).keys() == {"en", "ko"}
     for t in a:
         for mode, text in (("non_thinking", t["direct"]), ("thinking", t["trace"] + "</think>" + t["final"])):
@@ -39,22 +39,22 @@ def test_generator_is_seeded_and_correct():
     (47, 36, "mul", "ko", "47 * 30 = 1410; 47 * 6 = 282; 1410 + 282 = 1692. 따라서 47 * 36 = 1692."),
 ])
 def test_arithmetic_trace(a, b, op, lang, want):
-    assert C.arithmetic_trace(a, b, op, lang) == want
+    assert chat_data.arithmetic_trace(a, b, op, lang) == want
 
 
 def test_heldout_split_and_dataset_modes():
-    train = C.generate_tasks(400, 1, MIX, heldout=False)
-    held = C.generate_tasks(40, 2, MIX, heldout=True)
+    train = chat_data.generate_tasks(400, 1, MIX, heldout=False)
+    held = chat_data.generate_tasks(40, 2, MIX, heldout=True)
     assert not {t["prompt"] for t in train} & {t["prompt"] for t in held}
-    ins, rea, mod = (C.build_dataset(k, train[:50]) for k in ("sft_instruct", "sft_reasoning", "mod"))
+    ins, rea, mod = (chat_data.build_dataset(k, train[:50]) for k in ("sft_instruct", "sft_reasoning", "mod"))
     assert all("reasoning_content" not in r["messages"][-1] for r in ins)
     assert all(r["messages"][-1]["reasoning_content"] for r in rea)
     assert len(mod) == 100 and all(mod[i]["messages"][0] == mod[i + 1]["messages"][0] for i in range(0, 100, 2))
     assert {("reasoning_content" in r["messages"][-1]) for r in mod} == {True, False}
-    rlset = C.build_dataset("rl", train[:5])
+    rlset = chat_data.build_dataset("rl", train[:5])
     assert all(r["messages"][-1]["role"] == "user" and "task" in r for r in rlset)
     for kind, mode in (("sft_instruct", "non_thinking"), ("sft_reasoning", "thinking"), ("mod", "any"), ("rl", None)):
-        assert all(C.check_record(r, mode) is None for r in C.build_dataset(kind, train[:20]))
+        assert all(chat_data.check_record(r, mode) is None for r in chat_data.build_dataset(kind, train[:20]))
 
 
 def test_reader_counts_bad_records(tmp_path):
@@ -67,17 +67,17 @@ def test_reader_counts_bad_records(tmp_path):
             {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 3}]}]
     p = tmp_path / "d.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
-    recs, st = C.read_source(p, "non_thinking")
+    recs, st = chat_data.read_source(p, "non_thinking")
     assert len(recs) == 2 and recs[0]["id"] == f"{p}:1"
     assert st["bad"] == {"missing or empty messages": 1, "message role not in system/user/assistant": 1,
                          "raw think tag in content (use reasoning_content)": 1,
                          "non-thinking record carries reasoning_content": 1,
                          "message content is not a string": 1, "malformed_json": 1}
     assert f"{p}:3: missing or empty messages" in st["bad_examples"] and f"{p}:8: malformed_json" in st["bad_examples"]
-    _, st = C.read_source(p, "thinking")
+    _, st = chat_data.read_source(p, "thinking")
     assert st["bad"]["thinking-mode record without reasoning_content"] == 2
     with pytest.raises(ValueError, match="expected .jsonl, .parquet"):
-        C.read_source(tmp_path / "x.csv", "any")
+        chat_data.read_source(tmp_path / "x.csv", "any")
 
 
 def test_parquet_and_datasets_dir(tmp_path):
@@ -86,13 +86,13 @@ def test_parquet_and_datasets_dir(tmp_path):
     import pyarrow.parquet as pq
     # MOD rows mix both modes: columnar storage gives non-thinking turns reasoning_content=None,
     # which must read back as absent (not as a non-thinking record carrying reasoning)
-    recs = C.build_dataset("mod", C.generate_tasks(6, 3, MIX, heldout=False))
+    recs = chat_data.build_dataset("mod", chat_data.generate_tasks(6, 3, MIX, heldout=False))
     rows = [{"messages": r["messages"]} for r in recs]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
-    got, st = C.read_source(tmp_path / "d.parquet", "any")
+    got, st = chat_data.read_source(tmp_path / "d.parquet", "any")
     assert len(got) == 12 and not st["bad"] and [g["messages"] for g in got] == [r["messages"] for r in rows]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
-    got, st = C.read_source(tmp_path / "ds", "any")
+    got, st = chat_data.read_source(tmp_path / "ds", "any")
     assert len(got) == 12 and not st["bad"] and got[1]["messages"] == rows[1]["messages"]
 
 
@@ -111,7 +111,7 @@ def test_table3_weights_and_mixing(tmp_path):
                                {"path": write("m2.jsonl", 10, False), "lang": "en", "domain": "Math"},
                                {"path": write("g.jsonl", 10, False), "lang": "ko", "domain": "General"},
                                {"path": write("bad.jsonl", 3, True), "lang": "en", "domain": "Code"}]
-    recs, rep = C.load_posttrain(pd, "sft_instruct")
+    recs, rep = chat_data.load_posttrain(pd, "sft_instruct")
     # Table 3 instruct: en Math 19.6 (split over 2 sources), ko General 13.4
     assert rep["weights"]["m1.jsonl".join([str(tmp_path) + "/", ""])] == pytest.approx(9.8)
     assert rep["bad"][str(tmp_path / "bad.jsonl")] == {"non-thinking record carries reasoning_content": 3}
@@ -120,7 +120,7 @@ def test_table3_weights_and_mixing(tmp_path):
     assert all(r["lang"] in ("en", "ko") and r["domain"] for r in recs)
     pd.sources.rl = []
     with pytest.raises(ValueError, match="sources.rl: no sources"):
-        C.load_posttrain(pd, "rl")
+        chat_data.load_posttrain(pd, "rl")
 
 
 @pytest.mark.parametrize("mode", ["thinking", "non_thinking"])
@@ -129,12 +129,12 @@ def test_sft_masks_prompt_tokens(tok, mode):
     if mode == "thinking":
         asst["reasoning_content"] = "2 + 5 = 7"
     msgs = [{"role": "user", "content": "What is 12 + 35?"}, asst]
-    ids, labels = C.encode_chat(tok, msgs)
-    prompt = C.encode_prompt(tok, msgs[:1], mode)
+    ids, labels = chat_data.encode_chat(tok, msgs)
+    prompt = chat_data.encode_prompt(tok, msgs[:1], mode)
     n = len(prompt)
     assert ids[:n] == prompt and tok.decode(prompt[-1:]) == ("<think>" if mode == "thinking" else "</think>")
-    assert labels[:n] == [C.IGNORE_INDEX] * n
-    assert labels[n:] == ids[n:] and all(x != C.IGNORE_INDEX for x in labels[n:])
+    assert labels[:n] == [chat_data.IGNORE_INDEX] * n
+    assert labels[n:] == ids[n:] and all(x != chat_data.IGNORE_INDEX for x in labels[n:])
     want = ("2 + 5 = 7</think>" if mode == "thinking" else "") + "Answer: 47<|eos|>"
     assert tok.decode(labels[n:]) == want
 
@@ -142,5 +142,5 @@ def test_sft_masks_prompt_tokens(tok, mode):
 def test_multi_turn_masks_earlier_turns(tok):
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
             {"role": "user", "content": "bye"}, {"role": "assistant", "content": "ok"}]
-    ids, labels = C.encode_chat(tok, msgs)
-    assert tok.decode([x for x in labels if x != C.IGNORE_INDEX]) == "ok<|eos|>"
+    ids, labels = chat_data.encode_chat(tok, msgs)
+    assert tok.decode([x for x in labels if x != chat_data.IGNORE_INDEX]) == "ok<|eos|>"

@@ -3,11 +3,11 @@
 import pytest
 from conftest import compose_cfg
 
-import configs
+from kit import config_checks
 
 
 def errs(overrides, world=None):
-    return configs.errors(compose_cfg(overrides=overrides), world)
+    return config_checks.errors(compose_cfg(overrides=overrides), world)
 
 
 def test_default_tiny_cpu_config_is_valid():
@@ -49,8 +49,8 @@ def test_each_violation_is_one_clear_line(overrides, world, needle):
     ("rl", ["stage.rl.rollout_backend=sglang"], "rl.yaml rl.rollout_backend=sglang: expected local or vllm"),
 ])
 def test_unusable_values_are_refused_before_building(name, overrides, needle):
-    with pytest.raises(configs.ConfigError) as e:
-        configs.validate(compose_cfg(name, overrides), 2)
+    with pytest.raises(config_checks.ConfigError) as e:
+        config_checks.validate(compose_cfg(name, overrides), 2)
     lines = str(e.value).splitlines()[1:]
     assert any(needle in line for line in lines), lines
 
@@ -66,13 +66,13 @@ def test_1536_gpus_with_the_stage1_ramp_is_refused():
 
 
 def test_validate_raises_with_all_lines():
-    with pytest.raises(configs.ConfigError) as e:
-        configs.validate(compose_cfg(overrides=["model.vocab_size=4000", "hardware.attention=flex"]), 2)
+    with pytest.raises(config_checks.ConfigError) as e:
+        config_checks.validate(compose_cfg(overrides=["model.vocab_size=4000", "hardware.attention=flex"]), 2)
     assert str(e.value).count("\n") == 2
 
 
 def test_deepep_without_the_package_stops_with_one_line(single_process_group):
-    import training
+    from kit import training
 
     cfg = compose_cfg(overrides=["parallelism=none", "parallelism.moe_comm_backend=deepep"])
     with pytest.raises(RuntimeError, match="needs the deep_ep package") as e:
@@ -81,7 +81,7 @@ def test_deepep_without_the_package_stops_with_one_line(single_process_group):
 
 
 def test_float8_on_cpu_stops_with_one_line(single_process_group):
-    import training
+    from kit import training
 
     cfg = compose_cfg(overrides=["parallelism=none", "hardware.float8=true"])
     with pytest.raises(RuntimeError, match="float8=true needs CUDA GPUs"):
@@ -94,7 +94,7 @@ def test_float8_on_cpu_stops_with_one_line(single_process_group):
 ])
 def test_paper_layouts_validate_and_run(hw, par, stage):
     ov = ["model=axk1_519b", "optim=adamw", f"hardware={hw}", f"parallelism={par}", f"stage={stage}"]
-    assert errs(ov) == [] and configs.loop_errors(compose_cfg(overrides=ov)) == []
+    assert errs(ov) == [] and config_checks.loop_errors(compose_cfg(overrides=ov)) == []
 
 
 def test_layouts_the_loops_cannot_run_are_refused_at_start_and_submission():
@@ -102,23 +102,23 @@ def test_layouts_the_loops_cannot_run_are_refused_at_start_and_submission():
     # do not step a pipeline schedule refuse pp > 1 in one line.
     cfg = compose_cfg(overrides=["model=axk1_519b", "optim=adamw", "hardware=h200_1024",
                                  "parallelism=axk1_pretrain"])
-    assert configs.errors(cfg) == [] and configs.loop_errors(cfg) == []
+    assert config_checks.errors(cfg) == [] and config_checks.loop_errors(cfg) == []
     rl = compose_cfg("rl", overrides=["parallelism=cpu_pp"])
-    assert configs.loop_errors(rl) == [
+    assert config_checks.loop_errors(rl) == [
         "parallelism/cpu_pp.yaml pp=2: stage/rl.yaml (kind rl) runs without pipeline parallel (only pretrain "
         "and sft stages step a schedule); use pp=1"]
     # The paper's long-context layouts (PP 16 x CP 4 / CP 8, EP 8) run too, MTP included.
     for par, stage in (("axk1_16k", "pretrain_s3_16k"), ("axk1_32k", "pretrain_s3_32k")):
         cp = compose_cfg(overrides=["model=axk1_519b", "optim=adamw", "hardware=h200_1536", f"parallelism={par}",
                                     f"stage={stage}"])
-        assert configs.errors(cp) == [] and configs.loop_errors(cp) == []
-    assert configs.loop_errors(compose_cfg(overrides=["parallelism=cpu_cp_ep", "stage=pretrain_s3_16k"])) == []
-    assert configs.loop_errors(compose_cfg(overrides=["parallelism=cpu_fsdp_ep"])) == []
+        assert config_checks.errors(cp) == [] and config_checks.loop_errors(cp) == []
+    assert config_checks.loop_errors(compose_cfg(overrides=["parallelism=cpu_cp_ep", "stage=pretrain_s3_16k"])) == []
+    assert config_checks.loop_errors(compose_cfg(overrides=["parallelism=cpu_fsdp_ep"])) == []
 
 
 def test_pipeline_layouts_that_cannot_be_built_are_refused_in_one_line_each():
     def errs_of(*ov):
-        return configs.errors(compose_cfg(overrides=["parallelism=cpu_pp", *ov]), 2)
+        return config_checks.errors(compose_cfg(overrides=["parallelism=cpu_pp", *ov]), 2)
     assert errs_of() == []
     assert errs_of("parallelism.pp_schedule=Interleaved1F1B", "parallelism.pp_stages_per_rank=2") == []
     assert errs_of("parallelism.pp_schedule=Bogus") == [
@@ -135,5 +135,5 @@ def test_pipeline_layouts_that_cannot_be_built_are_refused_in_one_line_each():
 
 def test_fsdp_ep_layout_runs_the_paper_model_on_1024_gpus():
     cfg = compose_cfg(overrides=["model=axk1_519b", "optim=adamw", "hardware=h200_1024", "parallelism=axk1_fsdp_ep"])
-    assert configs.errors(cfg) == [] and configs.loop_errors(cfg) == []
-    assert configs.mesh_degrees(cfg, 1024)["dp"] == 1024
+    assert config_checks.errors(cfg) == [] and config_checks.loop_errors(cfg) == []
+    assert config_checks.mesh_degrees(cfg, 1024)["dp"] == 1024

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import ROOT, compose_cfg, free_port
 
-import configs
-import context_parallel
+from kit import config_checks
+from kit import context_parallel
 import kernels
 from test_pretrain_dist import losses, run
 
@@ -74,7 +74,7 @@ def test_cp_mla_equals_full_attention_forward_and_gradients():
     borders, against the same layer on the full rows: output, input gradient, and parameter
     gradients summed over the ranks (as FSDP sums them). Also: the bytes the all-gather and its
     backward reduce-scatter sent are the latent's, (kv_lora_rank + qk_rope_head_dim) per token."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run(TORCHRUN + ["--nproc_per_node", "2", "--master_port", str(free_port()),
                                    "tests/dist_cp_attention.py"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -123,11 +123,11 @@ def test_cp_sizes_ep_dispatch_buffers_for_the_local_tokens():
 
 def test_cp_layouts_validate_with_mtp_and_sdpa():
     cfg = compose_cfg(overrides=["parallelism=cpu_cp_ep", "stage=pretrain_s3_16k"])
-    assert configs.errors(cfg, 2) == [] and configs.loop_errors(cfg) == []
+    assert config_checks.errors(cfg, 2) == [] and config_checks.loop_errors(cfg) == []
     bad = compose_cfg(overrides=["parallelism=cpu_cp_ep", "stage=pretrain_s3_16k", "hardware.attention=varlen"])
-    assert any("cp=2: context parallel runs with hardware.attention=sdpa or flex" in e for e in configs.errors(bad, 2))
+    assert any("cp=2: context parallel runs with hardware.attention=sdpa or flex" in e for e in config_checks.errors(bad, 2))
     sft = compose_cfg("sft", overrides=["parallelism=cpu_cp_ep"])
-    assert configs.loop_errors(sft) == [
+    assert config_checks.loop_errors(sft) == [
         "parallelism/cpu_cp_ep.yaml cp=2: stage/sft_instruct.yaml (kind sft) does not shard sequences for context "
         "parallel (only pretrain stages do); use cp=1"]
 

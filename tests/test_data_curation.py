@@ -2,18 +2,18 @@
 mixture weights, bad records counted per reason."""
 import json
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from datatrove.data import Document
 
-import curation as C
+from kit import curation
 import data as D
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages"))
-import curate as S  # noqa: E402
+from conftest import stage_module
+
+curate = stage_module("curate")
 
 GOOD_EN = ("The constitution establishes three branches of government. Each branch checks the others, "
            "so that no single office can accumulate unchecked power. Courts review laws, the legislature "
@@ -28,18 +28,18 @@ def doc(text, lang="en", source="s"):
 
 def run(filters, docs):
     drops = {}
-    kept = C.apply_filters(docs, filters, drops)
+    kept = curation.apply_filters(docs, filters, drops)
     return kept, drops
 
 
 def test_each_filter_drops_planted_bad_and_keeps_good():
     good = [doc(GOOD_EN), doc(GOOD_KO, "ko")]
     cases = {
-        "length": (C.LengthFilter(), doc("Too short."), "length:too_short"),
-        "symbols": (C.SymbolRatioFilter(), doc("{{#}} <<>> ## $$ %% ^^ && ** " * 40 + GOOD_EN[:80]), "symbols:"),
-        "mojibake": (C.SymbolRatioFilter(), doc(GOOD_EN.replace("e", "\ufffd")), "symbols:replacement_chars"),
-        "repetition": (C.RepetitionFilter(), doc("buy cheap pills now\n" * 60), "repetition:"),
-        "language": (C.LanguageFilter(languages=["en", "ko"]), doc("Это русский текст. " * 30, "ru"), "language:lang_other"),
+        "length": (curation.LengthFilter(), doc("Too short."), "length:too_short"),
+        "symbols": (curation.SymbolRatioFilter(), doc("{{#}} <<>> ## $$ %% ^^ && ** " * 40 + GOOD_EN[:80]), "symbols:"),
+        "mojibake": (curation.SymbolRatioFilter(), doc(GOOD_EN.replace("e", "\ufffd")), "symbols:replacement_chars"),
+        "repetition": (curation.RepetitionFilter(), doc("buy cheap pills now\n" * 60), "repetition:"),
+        "language": (curation.LanguageFilter(languages=["en", "ko"]), doc("Это русский текст. " * 30, "ru"), "language:lang_other"),
     }
     for name, (f, bad, reason) in cases.items():
         kept, drops = run([f], good + [bad])
@@ -49,16 +49,16 @@ def test_each_filter_drops_planted_bad_and_keeps_good():
 
 def test_code_is_exempt_from_prose_filters():
     code = doc("def f(x):\n    return {'a': [x, x]}\n" * 30, "code")
-    kept, _ = run([C.SymbolRatioFilter(skip_langs=["code"]), C.RepetitionFilter(skip_langs=["code"])], [code])
+    kept, _ = run([curation.SymbolRatioFilter(skip_langs=["code"]), curation.RepetitionFilter(skip_langs=["code"])], [code])
     assert kept == [code]
 
 
 def test_language_id():
-    assert C.detect_lang(GOOD_KO)[0] == "ko"
-    assert C.detect_lang(GOOD_EN)[0] == "en"
-    assert C.detect_lang("El gobierno de la ciudad publicó los datos del año en la web para los vecinos.")[0] == "es"
-    assert C.detect_lang("日本語のテキストはひらがなとカタカナと漢字を使います。")[0] == "ja"
-    assert C.detect_lang("这是一个中文句子，用来测试语言识别。")[0] == "zh"
+    assert curation.detect_lang(GOOD_KO)[0] == "ko"
+    assert curation.detect_lang(GOOD_EN)[0] == "en"
+    assert curation.detect_lang("El gobierno de la ciudad publicó los datos del año en la web para los vecinos.")[0] == "es"
+    assert curation.detect_lang("日本語のテキストはひらがなとカタカナと漢字を使います。")[0] == "ja"
+    assert curation.detect_lang("这是一个中文句子，用来测试语言识别。")[0] == "zh"
 
 
 def _records(texts):
@@ -79,7 +79,7 @@ def test_exact_and_minhash_dedup_remove_planted_duplicates(tmp_path):
         "minhash": {"n_grams": 5, "num_buckets": 14, "hashes_per_bucket": 8, "seed": 1, "hash_fc": "sha1"},
         "sources": {"web": {"kind": "jsonl"}}})
     audit = {"drops": {}}
-    kept = S.filter_and_dedup(docs, dc, tmp_path / "work", audit)
+    kept = curate.filter_and_dedup(docs, dc, tmp_path / "work", audit)
     assert sorted(d["id"] for d in kept) == list(range(12))  # every distinct document survives
     assert audit["drops"]["exact_dedup:exact_duplicate"] == 1
     assert audit["drops"]["minhash:near_duplicate"] == 1
@@ -91,17 +91,17 @@ def test_quality_and_domain_classifiers_learn_kit_labels():
         [t[:3000] for t in D.iter_source({"kind": "package_docs"})]
     rng.shuffle(texts)
     texts = texts[:150]
-    neg = [C.corrupt(t, rng) for t in texts]
-    clf = C.HashedLinear(["bad", "good"], dim=1 << 16, epochs=10).fit(texts[:120] + neg[:120], ["good"] * 120 + ["bad"] * 120)
+    neg = [curation.corrupt(t, rng) for t in texts]
+    clf = curation.HashedLinear(["bad", "good"], dim=1 << 16, epochs=10).fit(texts[:120] + neg[:120], ["good"] * 120 + ["bad"] * 120)
     p = clf.predict_proba(texts[120:])[:, 1]
     assert (p > 0.5).mean() > 0.8, p
     # Boilerplate and mojibake are caught; word salad (0) and keyword spam (2) keep real words and most
     # character trigrams, which a linear bag-of-n-grams model separates poorly: a fine-tuned encoder's job.
     for kind in (1, 3):
-        q = clf.predict_proba([C.corrupt(t, rng, kind) for t in texts[120:]])[:, 1]
+        q = clf.predict_proba([curation.corrupt(t, rng, kind) for t in texts[120:]])[:, 1]
         assert (q < 0.5).mean() > 0.8, (kind, q)
     code = list(D.iter_source({"kind": "python_stdlib", "max_files": 40}))
-    dom = C.HashedLinear(["Code", "Encyclopedia"], dim=1 << 16, epochs=5).fit(
+    dom = curation.HashedLinear(["Code", "Encyclopedia"], dim=1 << 16, epochs=5).fit(
         code[:30] + texts[:30], ["Code"] * 30 + ["Encyclopedia"] * 30)
     pred = dom.predict_proba(code[30:40] + texts[30:40]).argmax(1)
     assert list(pred[:10]).count(0) >= 9 and list(pred[10:]).count(1) >= 9
@@ -111,7 +111,7 @@ def test_difficulty_orders_simple_below_technical():
     easy = "The cat sat on the mat. The dog ran. We like the sun. It is warm. " * 5
     hard = ("Let f(x) = (3x^2 + 2x - 7) / (x - 1); by l'Hopital's rule lim_{x->1} [(6x + 2)/1] = 8, whereas the "
             "eigendecomposition A = Q Lambda Q^{-1} requires diagonalisability of the characteristic polynomial. ") * 3
-    assert C.difficulty_score(easy) < C.difficulty_score(hard)
+    assert curation.difficulty_score(easy) < curation.difficulty_score(hard)
 
 
 def test_mixture_matches_configured_weights():
@@ -120,13 +120,13 @@ def test_mixture_matches_configured_weights():
     docs = [{"id": i, "category": cats[i % 4], "n_tokens": int(rng.integers(50, 400)), "difficulty": 0.5}
             for i in range(400)]
     weights = {"Web": 50, "Code": 30, "Mathematics": 15, "STEM": 5, "Books": 0}
-    chosen, report = S.mix_stage(docs, weights, 200_000, seed=0, stage="pretrain_s2")
+    chosen, report = curate.mix_stage(docs, weights, 200_000, seed=0, stage="pretrain_s2")
     for c, w in weights.items():
         if w:
             assert abs(report[c]["realised_pct"] - w) < 1.0, (c, report[c])
     assert report["Web"]["upsample"] > 1  # 100 Web docs (~22K tokens) had to be repeated
     with pytest.raises(SystemExit, match="Reasoning"):
-        S.mix_stage(docs, {"Web": 50, "Reasoning": 50}, 10_000, seed=0, stage="pretrain_s2")
+        curate.mix_stage(docs, {"Web": 50, "Reasoning": 50}, 10_000, seed=0, stage="pretrain_s2")
 
 
 def test_bad_records_counted_per_reason(tmp_path):
@@ -140,14 +140,14 @@ def test_bad_records_counted_per_reason(tmp_path):
                             "empty_text": 1, "invalid_utf8": 1, "not_an_object": 1}
     assert any(e.startswith(f"{f}:2: malformed_json") for e in stats["bad_examples"])
     audit = {"sources": {}, "bad_records": {}, "bad_examples": []}
-    S.read_sources({"j": {"kind": "jsonl", "paths": [str(f)]}}, audit)
+    curate.read_sources({"j": {"kind": "jsonl", "paths": [str(f)]}}, audit)
     assert audit["bad_records"]["malformed_json"] == 1 and audit["sources"]["j"]["docs"] == 2
 
 
 def test_stage_shards_round_trip_through_loader(tmp_path):
     docs = [{"id": i, "text": "", "n_tokens": 0} for i in range(30)]
     ids = {i: list(range(10 + i, 10 + i + 5 + i % 7)) for i in range(30)}
-    shards = S.write_stage(tmp_path / "pretrain_s1", docs, ids, eos_id=1, vocab_size=4096, shard_tokens=50)
+    shards = curate.write_stage(tmp_path / "pretrain_s1", docs, ids, eos_id=1, vocab_size=4096, shard_tokens=50)
     (tmp_path / "pretrain_s1" / "manifest.json").write_text(json.dumps({"format": D.FORMAT, "eos_id": 1, "shards": shards}))
     stream = np.concatenate([np.r_[ids[i], 1] for i in range(30)])
     ld = D.build_pretrain_loader({"root": str(tmp_path), "shuffle_window": 1}, stage="pretrain_s1",
@@ -182,7 +182,7 @@ def test_domain_relabel_only_where_the_classifier_is_confident():
                                "domain": {"enabled": True, "kind": "hashed_linear", "relabel": True,
                                           "relabel_min_confidence": min_conf}})
         audit = {"drops": {}}
-        out = S.classify([dict(d) for d in docs], dc, audit)
+        out = curate.classify([dict(d) for d in docs], dc, audit)
         return audit["domain_classifier"]["relabelled_docs"], [d["category"] for d in out]
 
     n_any, _ = relabelled(0.0)
@@ -202,13 +202,13 @@ def test_cluster_data_config_composes_with_the_paper_budgets(tmp_path):
     assert dc.sources.books.paths == ["/corpora/books/*.jsonl"]
     for stage in D.STAGES:  # Appendix B.1 columns sum to 100
         assert abs(sum(dc.mixture[stage].values()) - 100) < 0.05
-    ex = S._executor(dict(dc.executor), [], int(dc.executor.tasks), "filter", tmp_path)
+    ex = curate._executor(dict(dc.executor), [], int(dc.executor.tasks), "filter", tmp_path)
     assert isinstance(ex, SlurmPipelineExecutor) and ex.tasks == 2048
 
 
 def test_quality_training_sample_gives_each_language_a_share():
     docs = [{"text": f"en {i}", "lang": "en"} for i in range(500)] + [{"text": f"ko {i}", "lang": "ko"} for i in range(30)]
-    sample = S.stratified_sample(docs, 100, random.Random(0))
+    sample = curate.stratified_sample(docs, 100, random.Random(0))
     assert len(sample) == len(set(sample)) == 100
     assert sum(t.startswith("ko") for t in sample) == 30  # all of the small language, the rest English
-    assert len(S.stratified_sample(docs, 10_000, random.Random(0))) == 530
+    assert len(curate.stratified_sample(docs, 10_000, random.Random(0))) == 530

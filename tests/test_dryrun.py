@@ -10,7 +10,7 @@ import sys
 from conftest import ROOT
 
 import model
-import perf_model
+from kit import cost_model
 
 
 def dryrun(*overrides: str) -> dict:
@@ -28,7 +28,7 @@ def test_tiny_pp2_ep2_on_8_fake_ranks_accounts_for_every_parameter():
     res = dryrun("++optim.moment_dtype=float32")
     assert res["world"] == 8 and [s["stage"] for s in res["stages"]] == [0, 1]
     m = model.load_model_cfg("tiny")
-    c = perf_model.param_counts(m)
+    c = cost_model.param_counts(m)
     # every FP32 shard once: 4 data-parallel ranks per stage (EP 2 x FSDP 2); the last stage
     # holds the MTP layer and its own copy of the embedding (pipeline.py)
     want = c["total_params"] + c["mtp_params"] + m.vocab_size * m.dim

@@ -11,9 +11,9 @@ import torch.distributed.checkpoint as dcp
 from conftest import ROOT
 from safetensors.torch import load_file, save_file
 
-import chat_data
-import generate as G
-import hf_io
+from kit import chat_data
+from kit import kv_decoding
+from kit import hf_io
 import model as axk1
 import tokenizer as tokmod
 
@@ -27,7 +27,7 @@ def random_kit_model(seed: int = 0, m=None, sharpen: bool = True):
     float-noise ties, which makes any numerical difference between two implementations visible."""
     torch.manual_seed(seed)
     m = m or axk1.load_model_cfg("tiny")
-    net = G.build_inference_model(m)
+    net = kv_decoding.build_inference_model(m)
     with torch.no_grad():
         for moe in axk1.moe_layers(net):
             moe.expert_bias_E.copy_(torch.randn(m.num_experts) * (0.1 if sharpen else 0.05))
@@ -105,7 +105,7 @@ def test_logits_and_experts_match_transformers(exported):
 def test_import_of_export_is_exact(exported, tmp_path):
     m, net, tmp, _ = exported
     hf_io.import_hf(tmp / "hf32", tmp_path / "back", m)
-    back = G.build_inference_model(m)
+    back = kv_decoding.build_inference_model(m)
     sd = back.state_dict()
     dcp.load({"model": sd}, checkpoint_id=str(tmp_path / "back"))
     for k, v in net.state_dict().items():
@@ -142,7 +142,7 @@ def test_greedy_generation_both_modes_matches_transformers(exported):
             hf_ids = hf_tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
                                                 enable_thinking=(mode == "thinking"), return_dict=False)
             assert list(hf_ids) == ids
-            kit = G.generate(net, [ids], max_new_tokens=12, eos_id=kit_tok.eos_token_id, pad_id=kit_tok.pad_token_id,
+            kit = kv_decoding.generate(net, [ids], max_new_tokens=12, eos_id=kit_tok.eos_token_id, pad_id=kit_tok.pad_token_id,
                              temperature=0)
             out = ref.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
             assert out[0, len(ids):].tolist() == kit[0].tokens, (mode, text)
@@ -209,7 +209,8 @@ def test_export_refuses_a_checkpoint_of_another_config(exported, tmp_path):
 
 PEAK_SCRIPT = r"""
 import json, sys
-import hf_io, tokenizer as tokmod
+from kit import hf_io
+import tokenizer as tokmod
 from omegaconf import OmegaConf
 
 
@@ -242,7 +243,7 @@ def test_export_peak_memory_is_bounded_by_one_shard(tmp_path):
     cfg = json.dumps(dict(m))
     out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path / "ckpt"), str(tmp_path / "hf"), cfg,
                           str(TOK), str(shard)], cwd=ROOT, capture_output=True, text=True,
-                         env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536",
+                         env={"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536",
                               "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -255,8 +256,8 @@ def test_export_peak_memory_is_bounded_by_one_shard(tmp_path):
 
 def test_imported_checkpoint_initialises_a_training_model(exported, tmp_path, single_process_group):
     """What `stage.init_from` does with the import: checkpoints.load_model_weights into the FSDP-wrapped model."""
-    import checkpoints
-    import training
+    from kit import checkpoints
+    from kit import training
     from conftest import compose_cfg
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

@@ -1,7 +1,7 @@
 """The paper's memory features (3.5): recompute `paper`, chunked CE, BF16-moment AdamW, FP8 config.
 
 Each feature is checked for what it must not change (losses, gradients, the optimizer's path)
-and for what it must save, measured on real tensors (memory_model.SavedActivationBytes) and
+and for what it must save, measured on real tensors (activation_memory.SavedActivationBytes) and
 real DCP checkpoints, against memory_model's formula where there is one.
 """
 
@@ -15,10 +15,10 @@ from omegaconf import OmegaConf
 from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.tensor import DTensor
 
-import memory
-import memory_model
+from kit import memory_features
+from kit import activation_memory
 import model as axk1
-import training
+from kit import training
 
 B, L = 2, 128  # two sequences of two packed documents each
 
@@ -55,7 +55,7 @@ def assert_grads_close(g1, g0, tol):
 def forward_ce(net, tokens, positions, targets):
     """The forward half of training.train_step's plain path: model, then CE per head (with
     ce_chunk_tokens > 0 the model returns hidden states and the head runs inside the loss)."""
-    with memory.head_in_loss(net.lm_head) as fused:
+    with memory_features.head_in_loss(net.lm_head) as fused:
         preds = net(tokens, positions, net.get_attention_masks(positions))
     return training.ce_sums(preds, targets, head=net.lm_head if fused else None)
 
@@ -77,9 +77,9 @@ def forward_backward(net, cfg, meter=None):
 def test_paper_recompute_same_numbers_and_saves_what_the_formula_predicts():
     cfg, plain = tiny()
     _, paper = tiny()
-    memory.activation_checkpoint_config("paper").build().apply(paper)
-    ce0, g0, kept0 = forward_backward(plain, cfg, memory_model.SavedActivationBytes())
-    ce1, g1, kept1 = forward_backward(paper, cfg, memory_model.SavedActivationBytes())
+    memory_features.activation_checkpoint_config("paper").build().apply(paper)
+    ce0, g0, kept0 = forward_backward(plain, cfg, activation_memory.SavedActivationBytes())
+    ce1, g1, kept1 = forward_backward(paper, cfg, activation_memory.SavedActivationBytes())
     # Recomputation reruns the same ops on the same inputs: the losses are bit-identical, the
     # gradients differ only by the order autograd sums branches in (measured: worst 7e-7 of a
     # gradient's max entry). Tolerance: losses rel 1e-6, each gradient 1e-5 of its norm.
@@ -87,7 +87,7 @@ def test_paper_recompute_same_numbers_and_saves_what_the_formula_predicts():
     assert_grads_close(g1, g0, 1e-5)
 
     m = cfg.model
-    predict = {mode: memory_model.activation_bytes_model(m, L, B, mode, 0, 4, device="cpu")
+    predict = {mode: activation_memory.activation_bytes_model(m, L, B, mode, 0, 4, device="cpu")
                for mode in ("none", "paper")}
     # The formula is a tensor-by-tensor walk of these kernels: each total within 2% (measured
     # 32,569,120 vs 32,437,248 and 16,911,392 vs 16,714,752 bytes), and the saving within 15% of
@@ -114,7 +114,7 @@ def test_meter_counts_what_autograd_saves():
             saved[st._cdata] = st.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), memory_model.SavedActivationBytes() as meter:
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), activation_memory.SavedActivationBytes() as meter:
         ce = forward_ce(net, tokens, positions, targets)
         kept = meter.alive()
     assert sum(saved.values()) == pytest.approx(kept, rel=0.01), (sum(saved.values()), kept)
@@ -124,9 +124,9 @@ def test_meter_counts_what_autograd_saves():
 def test_full_recompute_keeps_layer_inputs_only():
     """torchtitan's `full` mode through the same switch: each main layer keeps its input."""
     cfg, net = tiny()
-    memory.activation_checkpoint_config("full").build().apply(net)
-    _, _, kept = forward_backward(net, cfg, memory_model.SavedActivationBytes())
-    assert kept == pytest.approx(memory_model.activation_bytes_model(cfg.model, L, B, "full", 0, 4, device="cpu"),
+    memory_features.activation_checkpoint_config("full").build().apply(net)
+    _, _, kept = forward_backward(net, cfg, activation_memory.SavedActivationBytes())
+    assert kept == pytest.approx(activation_memory.activation_bytes_model(cfg.model, L, B, "full", 0, 4, device="cpu"),
                                  rel=0.02)
 
 
@@ -156,10 +156,10 @@ def test_chunked_ce_keeps_at_most_an_eighth_at_the_paper_vocab():
     labels[:, ::7] = -100
     figures = {}
     for n in (0, chunk):
-        head = memory.ChunkedHead.Config(in_features=dim, out_features=vocab, chunk_tokens=n).build()
+        head = memory_features.ChunkedHead.Config(in_features=dim, out_features=vocab, chunk_tokens=n).build()
         torch.nn.init.normal_(head.weight, std=0.02, generator=torch.Generator().manual_seed(1))
         h.grad = None
-        with memory_model.SavedActivationBytes(track_peak=True) as meter:
+        with activation_memory.SavedActivationBytes(track_peak=True) as meter:
             loss = head(h, labels=labels) if n else training.ce_sums(head(h), [labels])[0]
             kept = meter.alive()
             loss.backward()
@@ -173,8 +173,8 @@ def test_chunked_ce_keeps_at_most_an_eighth_at_the_paper_vocab():
     # 503,316,488 bytes, 1/9.6.
     assert fused["kept"] <= plain["kept"] / 8, (fused["kept"], plain["kept"])
     assert fused["peak"] <= plain["peak"] / 8, (fused["peak"], plain["peak"])
-    # the plain path keeps what memory_model.head_bytes says: fp32 log-probs, tokens x vocab
-    assert plain["kept"] == pytest.approx(tokens * vocab * memory_model.FP32, rel=0.01)
+    # the plain path keeps what activation_memory.head_bytes says: fp32 log-probs, tokens x vocab
+    assert plain["kept"] == pytest.approx(tokens * vocab * activation_memory.FP32, rel=0.01)
 
 
 # ----------------------------------------------------------------------------------------
@@ -209,7 +209,7 @@ def test_bf16_moment_adamw_first_step_is_adamw(single_process_group, tmp_path):
     with torch.no_grad():
         for n, p in net.named_parameters():
             p.copy_(start[n])
-    opt16 = memory.build_adamw(net.parameters(), OmegaConf.merge(cfg.optim, {"moment_dtype": "bfloat16"}))
+    opt16 = memory_features.build_adamw(net.parameters(), OmegaConf.merge(cfg.optim, {"moment_dtype": "bfloat16"}))
     opt16.step()
     for n, p in net.named_parameters():
         assert isinstance(p, DTensor)
@@ -274,9 +274,9 @@ def test_float8_config_is_tensorwise_e4m3_forward_e5m2_backward():
 
 
 def test_memory_switches_refuse_bad_values_in_one_line():
-    import configs
+    from kit import config_checks
 
-    errs = configs.errors(compose_cfg(overrides=["parallelism.activation_checkpoint=some", "parallelism.ce_chunk_tokens=-1",
+    errs = config_checks.errors(compose_cfg(overrides=["parallelism.activation_checkpoint=some", "parallelism.ce_chunk_tokens=-1",
                                                  "optim.moment_dtype=float16", "hardware.float8=true",
                                                  "hardware.float8_recipe=rowwise"]), 1)
     for field in ("activation_checkpoint=some", "ce_chunk_tokens=-1", "moment_dtype=float16", "float8_recipe=rowwise"):

@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT, compose_cfg
 
 import model as axk1
-import training
+from kit import training
 
 
 def tiny_model(**overrides):

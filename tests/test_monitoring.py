@@ -1,4 +1,4 @@
-"""monitoring.py and stages/report.py: the ETA arithmetic, the dashboard tags, a failing backend,
+"""metrics_log.py and stages/report.py: the ETA arithmetic, the dashboard tags, a failing backend,
 and short real stage runs (pre-training on 2 ranks, SFT, RL) whose TensorBoard events and offline
 W&B run hold what metrics.jsonl holds."""
 
@@ -17,11 +17,11 @@ import torch
 import pytest
 from conftest import ROOT, child_env, compose_cfg, free_port
 
-import monitoring
+from kit import metrics_log
 
 
 def test_eta_arithmetic():
-    eta = monitoring.Eta(total=1000, smoothing=0.5)
+    eta = metrics_log.Eta(total=1000, smoothing=0.5)
     # first step (warm-up): 100 units in 10 s; 900 left at 10 units/s
     assert eta.update(done=100, work=100, secs=10.0) == pytest.approx(90.0)
     # the second step replaces the warm-up: 100 units in 1 s; 800 left at 100 units/s
@@ -32,15 +32,15 @@ def test_eta_arithmetic():
     assert eta.update(done=500, work=200, secs=2.0) == pytest.approx(500 / 75)
     assert eta.update(done=1000, work=500, secs=1.0) == 0.0
     with pytest.raises(ValueError, match="eta_smoothing"):
-        monitoring.Eta(total=1, smoothing=0.0)
-    assert [monitoring.fmt_duration(s) for s in (42, 725, 18420, 73 * 86400 + 4 * 3600 + 59, float("inf"))] == \
+        metrics_log.Eta(total=1, smoothing=0.0)
+    assert [metrics_log.fmt_duration(s) for s in (42, 725, 18420, 73 * 86400 + 4 * 3600 + 59, float("inf"))] == \
         ["42s", "12m05s", "5h07m", "73d04h", "?"]
 
 
 def test_scalars_group_tags_and_expand_layers():
     rec = {"step": 3, "loss": 2.5, "lm_loss": 2.0, "lr": 1e-3, "mem_rss_gib": 1.5, "expert_imbalance": 1.2,
            "router_max_load": {"1": 1.1, "2": 1.2}, "reward": 0.5, "note": "text", "truncated": True}
-    assert monitoring.scalars(rec) == {
+    assert metrics_log.scalars(rec) == {
         "loss/loss": 2.5, "loss/lm_loss": 2.0, "optim/lr": 1e-3, "memory/mem_rss_gib": 1.5,
         "router/expert_imbalance": 1.2, "router/router_max_load/layer1": 1.1, "router/router_max_load/layer2": 1.2,
         "stage/reward": 0.5, "stage/truncated": 1.0}
@@ -49,7 +49,7 @@ def test_scalars_group_tags_and_expand_layers():
 def test_failing_backend_warns_once_and_training_logs_on(tmp_path, capsys):
     cfg = compose_cfg("pretrain", [f"run_dir={tmp_path}", "metrics.tensorboard=false",
                                    "metrics.wandb.enabled=true", "metrics.wandb.mode=bogus"])
-    log = monitoring.MetricLog(cfg, 0, progress="tokens", total=100, start=0)
+    log = metrics_log.MetricLog(cfg, 0, progress="tokens", total=100, start=0)
     for step in (1, 2):
         log.log({"step": step, "tokens": 10 * step, "loss": 1.0 / step}, console=f"step {step}")
     log.close()
@@ -63,11 +63,11 @@ def test_failing_backend_warns_once_and_training_logs_on(tmp_path, capsys):
 def test_metrics_off_by_default_import_neither_wandb_nor_network(tmp_path):
     code = ("import sys, monitoring; from conftest import compose_cfg; "
             f"cfg = compose_cfg('sft', ['run_dir={tmp_path}']); "
-            "log = monitoring.MetricLog(cfg, 0, progress='step', total=2, start=0); "
+            "log = metrics_log.MetricLog(cfg, 0, progress='step', total=2, start=0); "
             "log.log({'step': 1, 'loss': 1.0}); log.close(); "
             "print(cfg.metrics.wandb.enabled, cfg.metrics.tensorboard, 'wandb' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
-                         env=dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")).stdout
+                         env=dict(os.environ, PYTHONPATH=str(ROOT / "tests"))).stdout
     assert out.split()[-3:] == ["False", "True", "False"], out
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
@@ -117,7 +117,7 @@ def assert_tensorboard_matches_jsonl(run_dir: Path) -> int:
     tb = {tag: {e.step: e.value for e in ea.Scalars(tag)} for tag in ea.Tags()["scalars"]}
     expected = {}
     for r in recs:
-        for tag, v in monitoring.scalars(r).items():
+        for tag, v in metrics_log.scalars(r).items():
             expected.setdefault(tag, {})[r["step"]] = v
     assert set(tb) == set(expected), set(tb) ^ set(expected)
     for tag, by_step in expected.items():
@@ -203,7 +203,7 @@ def test_pretrain_console_shows_memory_and_eta_and_eta_replays(stage_runs):
     assert len(lines) == 3 and all(re.search(r"\| rss \d+\.\d\dGiB \| \d+\.\d\ds/step \| eta \S+$", x) for x in lines), lines
     cfg = compose_cfg("pretrain")
     recs = [json.loads(x) for x in (root / "pretrain_s1" / "metrics.jsonl").read_text().splitlines()]
-    eta, done = monitoring.Eta(cfg.stage.budget.tiny.tokens, cfg.metrics.eta_smoothing), 0
+    eta, done = metrics_log.Eta(cfg.stage.budget.tiny.tokens, cfg.metrics.eta_smoothing), 0
     for r in recs:  # the logged ETA is the arithmetic above fed with the logged tokens and step times
         assert r["eta_s"] == pytest.approx(eta.update(r["tokens"], r["tokens"] - done, r["step_s"]))
         done = r["tokens"]
@@ -222,9 +222,9 @@ def test_make_report_writes_markdown_and_png_into_the_run(stage_runs):
 
 
 def test_router_stats_per_layer_load_zero_experts_and_bias_norm():
-    import generate
+    from kit import kv_decoding
 
-    net = generate.build_inference_model(compose_cfg("pretrain").model)
+    net = kv_decoding.build_inference_model(compose_cfg("pretrain").model)
     moes = {n: b.moe for n, b in net.layers.items() if getattr(b, "moe_enabled", False)}
     names = list(moes)
     E = moes[names[0]].tokens_per_expert_E.numel()
@@ -235,7 +235,7 @@ def test_router_stats_per_layer_load_zero_experts_and_bias_norm():
             counts[1:1 + k] = 0.0      # ...and k experts got nothing
             moe.tokens_per_expert_E.copy_(counts)
             moe.expert_bias_E.fill_(0.5 * (k + 1))
-    st = monitoring.router_stats(net)  # no process group: one rank's counts
+    st = metrics_log.router_stats(net)  # no process group: one rank's counts
     for k, name in enumerate(names):
         total = 4.0 * (k + 2) + 4.0 * (E - 1 - k)
         assert st["router_max_load"][name] == pytest.approx(4.0 * (k + 2) / (total / E))
@@ -250,6 +250,6 @@ def test_cuda_memory_fields_exist_in_torchtitans_monitor():
     exist in this torchtitan, and the console shows the reserved peak from them."""
     from torchtitan.components.metrics import DeviceMemStats
 
-    assert set(monitoring.CUDA_FIELDS) <= set(DeviceMemStats._fields)
-    rec = dict(zip(monitoring.CUDA_FIELDS.values(), [50.0, 61.2, 43.8, 0, 0]))
-    assert monitoring.MemoryProbe.headline(rec) == "mem 61.20GiB (44%)"
+    assert set(metrics_log.CUDA_FIELDS) <= set(DeviceMemStats._fields)
+    rec = dict(zip(metrics_log.CUDA_FIELDS.values(), [50.0, 61.2, 43.8, 0, 0]))
+    assert metrics_log.MemoryProbe.headline(rec) == "mem 61.20GiB (44%)"

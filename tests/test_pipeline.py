@@ -11,8 +11,8 @@ import pytest
 from conftest import ROOT, compose_cfg, free_port
 from test_pretrain_dist import kill_tree, launch
 
-import configs  # noqa: F401  (config resolvers)
-import pipeline
+from kit import config_checks  # noqa: F401  (config resolvers)
+from kit import pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -154,7 +154,7 @@ def test_paper_split_holds_every_layer_once_and_balances_the_stages():
 def test_mtp_embedding_copy_stays_equal_and_a_drift_is_refused():
     """tests/dist_pp_embedding.py: 3 AdamW steps (lr 1e-2) keep the copies equal; one step without
     the gradient sum makes them differ (measured 1.3e-2) and the pre-checkpoint check refuses."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                         str(free_port()), "tests/dist_pp_embedding.py"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -1,5 +1,5 @@
 """Planner and time-model formulas pinned against hand-computed values (stages/plan.py, planner.py,
-perf_model.py), and `make plan`'s acceptance figures: G = 7, vocab within 10% of the paper's
+cost_model.py), and `make plan`'s acceptance figures: G = 7, vocab within 10% of the paper's
 ~132,500, batch within 15% of its ~54M tokens, Table 2's ranking."""
 
 import json
@@ -13,8 +13,8 @@ from conftest import ROOT, compose_cfg
 from omegaconf import OmegaConf
 
 import model
-import perf_model
-import planner
+from kit import cost_model
+from kit import planner
 
 
 @pytest.fixture(scope="module")
@@ -74,40 +74,40 @@ def test_param_counts_match_a_meta_build():
         with torch.device("meta"):
             net = model.build_model_config(m, attention="sdpa").build()
         built = model.count_params(net, m)
-        assert {k: perf_model.param_counts(m)[k] for k in built} == built
+        assert {k: cost_model.param_counts(m)[k] for k in built} == built
 
 
 def test_flops_per_token_by_hand():
     m = model.load_model_cfg("tiny")
-    f = perf_model.forward_flops_per_token(m, 128)
+    f = cost_model.forward_flops_per_token(m, 128)
     assert f["head"] == 2 * m.dim * m.vocab_size
     assert f["dense_mlp"] == 2 * 3 * m.dim * m.dense_hidden_dim
     # only the attention core depends on the sequence: 2 * ctx * heads * (qk + v) per layer (+ MTP layer)
-    d = perf_model.train_flops_per_token(m, 1024) - perf_model.train_flops_per_token(m, 128)
+    d = cost_model.train_flops_per_token(m, 1024) - cost_model.train_flops_per_token(m, 128)
     per_ctx = 2 * m.n_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim)
     assert d == pytest.approx(3 * (m.n_layers + m.num_mtp_layers) * per_ctx * (1025 - 129) / 2)
     big = model.load_model_cfg("axk1_519b")
     # ~6 x 33B active + attention + MTP at 4K: 216 GFLOPs per token
-    assert perf_model.train_flops_per_token(big, 4096) == pytest.approx(2.1589e11, rel=1e-3)
+    assert cost_model.train_flops_per_token(big, 4096) == pytest.approx(2.1589e11, rel=1e-3)
 
 
 def test_ep_traffic_by_hand(plan_cfg):
     m, hw = plan_cfg.model, plan_cfg.hardware
-    intra, inter = perf_model.ep_bytes_per_token_layer(m, hw, 8)   # one node
+    intra, inter = cost_model.ep_bytes_per_token_layer(m, hw, 8)   # one node
     assert inter == 0 and intra == pytest.approx(2 * 7168 * 4 * 8 * 7 / 8)
-    intra, inter = perf_model.ep_bytes_per_token_layer(m, hw, 32)  # four nodes, per-node dedup
+    intra, inter = cost_model.ep_bytes_per_token_layer(m, hw, 32)  # four nodes, per-node dedup
     assert inter == pytest.approx(2 * 7168 * 4 * 3 * (1 - 0.75 ** 8))
 
 
 def test_time_model_uses_the_trainers_split_and_paces_on_the_slowest_rank(plan_cfg):
     layout = {"ep": 8, "pp": 16, "activation_checkpoint": "paper"}
     p = OmegaConf.merge(OmegaConf.to_container(plan_cfg.parallelism), layout)
-    stages = perf_model.stage_fqns(plan_cfg.model, p, 4096)
+    stages = cost_model.stage_fqns(plan_cfg.model, p, 4096)
     layers = [f for s in stages for f in s if f.startswith("layers.")]
     assert len(stages) == 16 and layers == [f"layers.{i}" for i in range(61)] and "lm_head" in stages[-1]
-    t = perf_model.step_time(plan_cfg.model, plan_cfg.hardware, p, seq_len=4096, global_batch=16384, world=1024)
+    t = cost_model.step_time(plan_cfg.model, plan_cfg.hardware, p, seq_len=4096, global_batch=16384, world=1024)
     # every stage's compute can only add: the pace is at least the average stage's share
-    avg = perf_model.train_flops_per_token(plan_cfg.model, 4096) * 16384 * 4096 / 1024
+    avg = cost_model.train_flops_per_token(plan_cfg.model, 4096) * 16384 * 4096 / 1024
     assert t.compute_s * plan_cfg.hardware.peak_tflops * 1e12 * plan_cfg.hardware.gemm_efficiency >= avg
     # 1F1B bubble = (pp - 1) / micro-batches of the busy time (dp 64 -> 256 micro-batches)
     assert t.pp_bubble_s == pytest.approx(15 / 256 * (t.compute_s + t.ep_s))

@@ -7,7 +7,7 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-import chat_data as C
+from kit import chat_data
 
 MIX = {"arithmetic/en": 1, "instruction/ko": 1}
 KINDS = ("sft_instruct", "sft_reasoning", "mod", "rl", "eval")
@@ -20,7 +20,7 @@ PLANTED = {
 
 
 def planted_rows(kind: str) -> tuple[list[dict], list[dict]]:
-    good = C.build_dataset(kind, C.generate_tasks(4, 7, MIX, heldout=(kind == "eval")))
+    good = chat_data.build_dataset(kind, chat_data.generate_tasks(4, 7, MIX, heldout=(kind == "eval")))
     g = good[0]
     user, rest = g["messages"][0], g["messages"][1:]
     bad = [
@@ -63,7 +63,7 @@ def test_planted_bad_records_are_counted_not_raised(tmp_path, kind, fmt):
     pd = OmegaConf.load("conf/posttrain_data/table3.yaml")
     pd.sources[kind] = [{"path": str(path), "lang": "en", "domain": "Math"}]
 
-    recs, rep = C.load_posttrain(pd, kind)
+    recs, rep = chat_data.load_posttrain(pd, kind)
 
     assert sorted(r["messages"][0]["content"] for r in recs) == sorted(r["messages"][0]["content"] for r in good)
     want = {reason: 1 for reason in PLANTED.values()}
@@ -85,7 +85,7 @@ def test_prompt_records_need_a_gradable_task(tmp_path):
     unknown = {**good[0], "task": {"kind": "ifeval", "constraints": [{"type": "rhymes"}]}}
     p = tmp_path / "rl.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in [no_task, unknown] + good))
-    recs, st = C.read_source(p, None)
+    recs, st = chat_data.read_source(p, None)
     assert len(recs) == len(good)
     assert st["bad"] == {"prompt without a task (RL and evaluation need a verifier)": 1,
                          "ifeval constraint of unknown type": 1}
@@ -95,4 +95,4 @@ def test_unreadable_file_is_one_line(tmp_path):
     p = tmp_path / "d.parquet"
     p.write_bytes(b"not parquet")
     with pytest.raises(ValueError, match=r"d.parquet: not a readable parquet file"):
-        C.read_source(p, "any")
+        chat_data.read_source(p, "any")

@@ -19,7 +19,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 def launch(runs: Path, nproc: int, overrides: list[str], port: int) -> subprocess.Popen:
     cmd = TORCHRUN + ["--nproc_per_node", str(nproc), "--master_port", str(port), "stages/pretrain.py",
                       f"paths.runs={runs}", f"data.root={ROOT / 'artifacts/data/tiny'}"] + overrides
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 

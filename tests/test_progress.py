@@ -1,9 +1,9 @@
-"""progress.py: a tqdm bar on a terminal, plain interval lines (tqdm's counts and rates) in a log."""
+"""progress_bar.py: a tqdm bar on a terminal, plain interval lines (tqdm's counts and rates) in a log."""
 
 import io
 import re
 
-from progress import progress
+from kit.progress_bar import progress
 
 
 class Terminal(io.StringIO):

@@ -11,8 +11,8 @@ import torch.distributed.checkpoint as dcp
 from conftest import ROOT, child_env, compose_cfg, free_port
 from test_hf_io import random_kit_model
 
-import configs
-import generate
+from kit import config_checks
+from kit import kv_decoding
 import model as axk1
 import rl
 from stages import rl as rl_stage
@@ -31,7 +31,7 @@ def tiny_policy():
     if not _POLICY:
         cfg = compose_cfg("rl", ["parallelism=none"])
         torch.manual_seed(0)
-        net = generate.build_inference_model(cfg.model).train()
+        net = kv_decoding.build_inference_model(cfg.model).train()
         _POLICY.update(cfg=cfg, net=net, init={k: v.clone() for k, v in net.state_dict().items()})
     _POLICY["net"].load_state_dict(_POLICY["init"])
     return _POLICY["cfg"], _POLICY["net"]
@@ -41,7 +41,7 @@ def rollouts(net, cfg, n: int = 8, seed: int = 0):
     """n sampled continuations of two short prompts, as the stage builds them."""
     g = torch.Generator().manual_seed(seed)
     prompts = [[5, 6, 7, 8], [9, 10, 11]] * (n // 2)
-    outs = generate.generate(net, prompts, max_new_tokens=12, eos_id=1, pad_id=PAD, temperature=1.0, generator=g)
+    outs = kv_decoding.generate(net, prompts, max_new_tokens=12, eos_id=1, pad_id=PAD, temperature=1.0, generator=g)
     seqs = [p + o.tokens for p, o in zip(prompts, outs)]
     T = max(len(s) for s in seqs) - 1
     mask = torch.zeros(len(seqs), T)
@@ -109,7 +109,7 @@ def test_first_update_moves_log_probs_within_the_bound():
     optim.lr x 0.1 with no warmup it moved per-token log-probs by ~0.27 (issue 11). The
     configured LR and warmup keep the first step's move small; the old setting does not."""
     cfg, _ = tiny_policy()
-    b = configs.budget(cfg)
+    b = config_checks.budget(cfg)
     lr0 = rl_stage.rl_lr(cfg.optim, cfg.stage, b, 0)
     assert lr0 < cfg.optim.lr * cfg.stage.lr_factor  # warmed up
     now, before = first_update_drift(cfg, lr0), first_update_drift(cfg, cfg.optim.lr * 0.1)

@@ -5,13 +5,13 @@ from pathlib import Path
 
 import torch
 
-import chat_data as C
+from kit import chat_data
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("stage_sft", ROOT / "stages" / "sft.py")
 sft = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sft)
-IGN = C.IGNORE_INDEX
+IGN = chat_data.IGNORE_INDEX
 
 
 def test_pack_chats_alignment():

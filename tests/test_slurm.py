@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 import launcher  # noqa: E402
 
 
@@ -28,7 +27,7 @@ def cluster_up() -> bool:
 pytestmark = [pytest.mark.slurm, pytest.mark.slow,
               pytest.mark.skipif(not cluster_up(), reason="no Slurm cluster answers (scripts/slurm_local.sh up)")]
 
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
 # The real tiny pre-training (FSDP2 x EP 2 over 2 Slurm tasks), cut to 15 steps of 8 sequences
 # with a checkpoint every 3 (the stage keeps the last 2).
 PRETRAIN = ["launcher=slurm", f"data.root={ROOT / 'artifacts/data/tiny'}", "stage.budget.tiny.tokens=15360",

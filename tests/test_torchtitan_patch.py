@@ -9,7 +9,7 @@ import sys
 import torch
 from conftest import ROOT
 
-import training
+from kit import training  # noqa: F401  (importing it applies the patch)
 
 PROBE = """
 import torch, torchtitan.tools.utils as u, torchtitan.distributed.parallel_dims as p
@@ -28,7 +28,7 @@ def test_patch_still_needed_on_a_cpu_only_machine():
 
 def test_patch_makes_torchtitan_build_cpu_meshes():
     code = PROBE + """
-import training
+from kit import training  # noqa: F401  (importing it applies the patch)
 training._patch_torchtitan_device("cpu")
 print(u.device_type, p.device_type)
 from torchtitan.distributed import ParallelDims

@@ -13,10 +13,10 @@ from conftest import ROOT, child_env, compose_cfg, free_port
 from test_hf_io import PROMPTS, TOK, random_kit_model
 from test_vllm_serve import needs_vllm
 
-import chat_data
-import generate as G
+from kit import chat_data
+from kit import kv_decoding
 import tokenizer as tokmod
-import vllm_engine
+from kit import vllm_engine
 
 MAX_NEW = 16
 
@@ -29,7 +29,7 @@ def weight_update(net, prompts, tok):
     """One AdamW step of the trainer on its own greedy continuations' NLL with a flipped sign (it
     moves the argmax, so the update shows in the rollouts)."""
     opt = torch.optim.AdamW(net.parameters(), lr=2e-2)
-    seqs = [p + r.tokens for p, r in zip(prompts, G.generate(net, prompts, max_new_tokens=MAX_NEW, eos_id=tok.eos_token_id,
+    seqs = [p + r.tokens for p, r in zip(prompts, kv_decoding.generate(net, prompts, max_new_tokens=MAX_NEW, eos_id=tok.eos_token_id,
                                                               pad_id=tok.pad_token_id, temperature=0.0))]
     net.train()
     for s in seqs:
@@ -55,7 +55,7 @@ def setup(tmp_path_factory):
 @needs_vllm
 def test_vllm_and_local_greedy_rollouts_are_identical_before_and_after_a_weight_update(setup):
     cfg, m, net, tok, prompts, tmp = setup
-    local, engine = G.LocalRollouts(m, tok.pad_token_id), vllm_engine.VLLMRollouts(cfg, tmp / "engine")
+    local, engine = kv_decoding.LocalRollouts(m, tok.pad_token_id), vllm_engine.VLLMRollouts(cfg, tmp / "engine")
     try:
         local.load(net)
         engine.load(net)  # first push: the engine starts on these weights

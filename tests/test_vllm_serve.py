@@ -16,13 +16,13 @@ import urllib.request
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from conftest import ROOT, compose_cfg, free_port
+from conftest import ROOT, compose_cfg, free_port, stage_module
 from test_hf_io import PROMPTS, TOK, random_kit_model
 
-import chat_data
-import generate as G
+from kit import chat_data
+from kit import kv_decoding
 import tokenizer as tokmod
-from endpoint import Endpoint
+from kit.openai_client import Endpoint
 
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
 KEY = "test-key-not-a-secret"
@@ -57,7 +57,7 @@ def server(tmp_path_factory):
         [sys.executable, "stages/serve.py", f"ckpt={tmp / 'ckpt'}", f"out={tmp / 'hf'}", "dtype=float32",
          f"port={port}", "max_model_len=512", "extra_args=[--enforce-eager]"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "VLLM_API_KEY": KEY})
+        env={**os.environ, "VLLM_API_KEY": KEY})
     url, t0 = f"http://127.0.0.1:{port}", time.time()
     try:
         while _get(url + "/v1/models", KEY) != 200:
@@ -78,8 +78,7 @@ def server(tmp_path_factory):
 
 
 def test_non_loopback_host_needs_the_key_and_the_key_never_hits_argv(monkeypatch):
-    sys.path.insert(0, str(ROOT / "stages"))
-    import serve
+    serve = stage_module("serve")
 
     cfg = compose_cfg("serve", overrides=["host=0.0.0.0", f"vllm_python={sys.executable}"])
     monkeypatch.delenv("VLLM_API_KEY", raising=False)
@@ -129,7 +128,7 @@ def test_vllm_greedy_tokens_equal_the_kit_in_both_modes(server, monkeypatch):
     ep, gaps = Endpoint(url, tokenizer=tok), []
     for mode in ("thinking", "non_thinking"):
         prompts = [chat_data.encode_prompt(tok, [{"role": "user", "content": p}], mode) for p in PROMPTS]
-        kit = G.generate(net, prompts, max_new_tokens=12, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+        kit = kv_decoding.generate(net, prompts, max_new_tokens=12, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                          temperature=0.0)
         served = ep.complete(prompts, max_new_tokens=12, eos_id=tok.eos_token_id, temperature=0.0)
         for ids, r in zip(prompts, kit):  # the log-prob gap along the kit's own continuation
@@ -151,8 +150,7 @@ def test_evaluate_scores_the_endpoint_like_the_checkpoint(server, monkeypatch):
     of the reference answers) agrees with the checkpoint's within 2%."""
     m, net, url, tmp = server
     monkeypatch.setenv("VLLM_API_KEY", KEY)
-    sys.path.insert(0, str(ROOT / "stages"))
-    import evaluate
+    evaluate = stage_module("evaluate")
 
     base = ["posttrain_data.sizes.eval=4", "max_new_tokens=16", "samples_per_row=1", "batch_size=4"]
     local = evaluate.run(compose_cfg("evaluate", overrides=base + [f"run_dir={tmp / 'eval_local'}", "~checkpoints",

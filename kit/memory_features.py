@@ -11,7 +11,7 @@
   * `AdamWBF16Moments` (optim.moment_dtype=bfloat16): AdamW with FP32 master weights and
     gradients and BF16 first/second moments.
 
-memory_model.py predicts what each of these saves; tests/test_memory_features.py measures it.
+activation_memory.py predicts what each of these saves; tests/test_memory_features.py measures it.
 """
 
 from __future__ import annotations

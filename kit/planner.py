@@ -82,11 +82,11 @@ def batch_tokens(c: float, coef: float, exp: float) -> float:
 
 def plan(m: DictConfig, pc: DictConfig) -> dict:
     """Every planner figure for model config `m` under the constants `pc` (conf/plan.yaml: plan)."""
-    import perf_model
+    from kit import cost_model
 
     flops_gpu = sustained_flops_per_gpu(pc.reference_run)
     c = compute_budget(pc.gpus, pc.days, flops_gpu)
-    n_nv = perf_model.param_counts(m)["non_vocab_active"]
+    n_nv = cost_model.param_counts(m)["non_vocab_active"]
     v_opt = vocab_compute_optimal(n_nv, m.dim, pc.vocab.a, pc.vocab.b, pc.vocab.c)
     v_raised = v_opt * (1 + pc.vocab.raise_fraction)
     b_tok = batch_tokens(c, pc.batch_law.coef, pc.batch_law.exp)

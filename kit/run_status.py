@@ -1,6 +1,6 @@
 """State of every stage under a runs folder: `make status` / `python launcher.py status`.
 
-    python stages/status.py [--runs runs]
+    python kit/run_status.py [--runs runs]
 
 A stage's run dir (<runs>/<model>/<stage>/) says what it knows: DONE.json (finished, with its
 summary), checkpoints/latest (how far it got), jobs.jsonl (what launcher.py started there). For a

@@ -42,11 +42,11 @@ from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torchtitan.models.deepseek_v3.state_dict_adapter import DeepSeekV3StateDictAdapter
 
-import checkpoints
+from kit import checkpoints
 import merge
 import model as axk1
 import tokenizer as tokmod
-from progress import progress
+from kit.progress_bar import progress
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 warnings.filterwarnings("ignore", message=".*process group is not initialized.*")

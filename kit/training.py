@@ -23,14 +23,14 @@ from torchtitan.distributed import utils as dist_utils
 from torchtitan.distributed.utils import clip_grad_norm_
 from torchtitan.models.deepseek_v3.mtp import roll_mtp_sequence
 
-import checkpoints
-import configs
+from kit import checkpoints
+from kit import config_checks
 import kernels
-import memory
+from kit import memory_features
 import model as axk1
-import monitoring
-import perf_model
-import pipeline
+from kit import metrics_log
+from kit import cost_model
+from kit import pipeline
 
 
 # ----------------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ def device_of(hw: DictConfig) -> torch.device:
 # Model: build on meta, parallelize with torchtitan, materialise, initialise.
 # ----------------------------------------------------------------------------------------
 def torchtitan_parallelism(cfg: DictConfig, world_size: int) -> ParallelismConfig:
-    p, d = cfg.parallelism, configs.mesh_degrees(cfg, world_size)
+    p, d = cfg.parallelism, config_checks.mesh_degrees(cfg, world_size)
     return ParallelismConfig(
         data_parallel_replicate_degree=p.dp_replicate, data_parallel_shard_degree=d["dp_shard"],
         context_parallel_degree=p.cp, tensor_parallel_degree=p.tp, pipeline_parallel_degree=p.pp,
@@ -87,7 +87,7 @@ def build_model(cfg: DictConfig, world_size: int, *, bias_update_rate: float, se
     parts, pipe, spec, parallel_dims, flops_per_token = build_model_parts(
         cfg, world_size, bias_update_rate=bias_update_rate, seed=seed)
     if pipe is not None:
-        raise configs.ConfigError(f"parallelism/{cfg.parallelism.name}.yaml pp={cfg.parallelism.pp}: this stage "
+        raise config_checks.ConfigError(f"parallelism/{cfg.parallelism.name}.yaml pp={cfg.parallelism.pp}: this stage "
                                   f"runs without pipeline parallel; expected pp=1")
     return parts[0], spec, parallel_dims, flops_per_token
 
@@ -113,7 +113,7 @@ def build_model_parts(cfg: DictConfig, world_size: int, *, bias_update_rate: flo
         pass
     _RuntimeConfig.parallelism = parallelism
     # ...and the two training fields its DeepEP dispatcher sizes its per-rank token buffer from
-    _RuntimeConfig.training = TrainingConfig(seq_len=configs.budget(cfg).seq_len, local_batch_size=p.micro_batch)
+    _RuntimeConfig.training = TrainingConfig(seq_len=config_checks.budget(cfg).seq_len, local_batch_size=p.micro_batch)
     spec.model.update_from_config(config=_RuntimeConfig())
 
     parallel_dims = ParallelDims.from_config(parallelism, world_size)
@@ -122,9 +122,9 @@ def build_model_parts(cfg: DictConfig, world_size: int, *, bias_update_rate: flo
         net = spec.model.build()
     # MFU uses the kit's one FLOPs count (perf_model: MLA at the causal context, MTP, head), the
     # same the planner and the dry run's time model use.
-    flops_per_token = perf_model.train_flops_per_token(cfg.model, configs.budget(cfg).seq_len)
+    flops_per_token = cost_model.train_flops_per_token(cfg.model, config_checks.budget(cfg).seq_len)
 
-    ac = memory.activation_checkpoint_config(p.activation_checkpoint)
+    ac = memory_features.activation_checkpoint_config(p.activation_checkpoint)
     training = TrainingConfig(mixed_precision_param=hw.param_dtype, mixed_precision_reduce=hw.reduce_dtype)
     device = torch.device("meta") if meta else device_of(hw)
     pipe = None
@@ -154,7 +154,7 @@ def build_model_parts(cfg: DictConfig, world_size: int, *, bias_update_rate: flo
 
 
 def build_optimizer(net: torch.nn.Module, o: DictConfig, spec, parallel_dims) -> torch.optim.Optimizer:
-    opt = memory.build_adamw(net.parameters(), o)  # FP32 or BF16 moments (optim.moment_dtype)
+    opt = memory_features.build_adamw(net.parameters(), o)  # FP32 or BF16 moments (optim.moment_dtype)
     # torchtitan's aux-loss-free balancing: a pre-step hook moves each MoE layer's expert bias by
     # rate * sign(mean load - load) (the rate is AXK1MoE.load_balance_coeff; 0 freezes it).
     spec.post_optimizer_build_fn(opt, [net], parallel_dims)
@@ -239,9 +239,9 @@ def train_step(parts: list[torch.nn.Module], pipe, batch: dict, targets: list[to
     for part in parts:
         set_aux_grad_scale(part, 1.0 / (n_micro * dp_size))
     # parallelism.ce_chunk_tokens > 0: the model hands back hidden states and the head (on the
-    # last pipeline stage) computes a chunked CE inside the loss (memory.ChunkedHead)
+    # last pipeline stage) computes a chunked CE inside the loss (memory_features.ChunkedHead)
     head = next((part.lm_head for part in parts if getattr(part, "lm_head", None) is not None), None)
-    with memory.head_in_loss(head) as fused:
+    with memory_features.head_in_loss(head) as fused:
         loss_head = head if fused else None
         if pipe is not None:
             def loss_fn(preds, tgts):  # on the last stage, once per micro-batch
@@ -261,7 +261,7 @@ def train_step(parts: list[torch.nn.Module], pipe, batch: dict, targets: list[to
                 sums += torch.tensor([ce[0].item(), sum(c.item() for c in ce[1:]),
                                       aux_loss_value(net) / n_micro])
     # Every rank holds a share: its data rows (dp), its sequence chunk (cp), its stages' MoE aux
-    # and, on the last stage only, the CE (pp). tp is always 1 (configs.errors), so the world
+    # and, on the last stage only, the CE (pp). tp is always 1 (config_checks.errors), so the world
     # group is exactly dp x cp x pp.
     dist.all_reduce(sums)
     return sums
@@ -281,7 +281,7 @@ def optimizer_step(parts: list[torch.nn.Module], pipe, opts, max_norm: float, pa
     (grad_norm, router stats). The statistics come before step(): torchtitan's bias hook resets
     the expert-load counts; pipeline stages report their own layers."""
     grad_norm = clip_grad_norm(parts, pipe, max_norm, parallel_dims)
-    router = monitoring.router_stats(parts[0] if pipe is None else parts, loss_group)
+    router = metrics_log.router_stats(parts[0] if pipe is None else parts, loss_group)
     for opt in opts:
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -330,14 +330,14 @@ def aux_loss_value(net: torch.nn.Module) -> float:
 
 def expert_load_imbalance(net, group=None) -> float:
     """max/mean tokens per expert, worst MoE layer, summed over ranks (read before the optimizer
-    step: torchtitan's balancing hook resets the counts). monitoring.router_stats has the rest."""
-    return monitoring.router_stats(net, group)["expert_imbalance"]
+    step: torchtitan's balancing hook resets the counts). metrics_log.router_stats has the rest."""
+    return metrics_log.router_stats(net, group)["expert_imbalance"]
 
 
 # ----------------------------------------------------------------------------------------
-# Logging: monitoring.MetricLog (metrics.jsonl, console line, TensorBoard/W&B on rank 0).
+# Logging: metrics_log.MetricLog (metrics.jsonl, console line, TensorBoard/W&B on rank 0).
 # ----------------------------------------------------------------------------------------
-MetricLog = monitoring.MetricLog
+MetricLog = metrics_log.MetricLog
 
 
 def finish_stage(run_dir: str | Path, summary: dict) -> dict:

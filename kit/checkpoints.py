@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
 )
 
-import configs
+from kit import config_checks
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -75,7 +75,7 @@ def check_embedding_copy(pipe, stage_name: str) -> None:
 
 def layout_of(cfg: DictConfig, world_size: int) -> dict:
     """What a checkpoint records about the run that wrote it (compared on resume)."""
-    b, d = configs.budget(cfg), configs.mesh_degrees(cfg, world_size)
+    b, d = config_checks.budget(cfg), config_checks.mesh_degrees(cfg, world_size)
     return {"world": world_size, "dp": d["dp"], "pp": d["pp"], "ep": d["ep"], "cp": d["cp"],
             "pp_stages_per_rank": cfg.parallelism.pp_stages_per_rank,
             "batch_schedule": [b.batch_start, b.batch_end, b.batch_increment, b.ramp_samples]}
