@@ -16,7 +16,19 @@ LAUNCHER  ?= local
 WAIT      ?=
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup test smoke pretrain post status params bench clean
+.PHONY: help setup test smoke pretrain post status params clean
+.DEFAULT_GOAL := help
+
+# `make` or `make help`: the targets below that carry a `## <group>|<what>` note, by recipe phase.
+help:
+	@awk -F'## ' '/^[a-z][a-zA-Z_-]*:.*## / { split($$1, rule, ":"); split($$2, note, "|"); \
+	  print note[1] "\t" rule[1] "\t" note[2] }' $(MAKEFILE_LIST) | sort -s -k1,1n | \
+	  awk -F'\t' '$$1 != group { group = $$1; sub(/^[0-9]+ /, "", $$1); printf "\n%s\n", $$1 } \
+	    { printf "  make %-17s %s\n", $$2, $$3 }'
+	@printf '\nVariables: MODEL=tiny|axk1_519b  HARDWARE=cpu|h200_node|h200_1024|h200_1536\n'
+	@printf '  PARALLEL=<conf/parallelism/*.yaml>  LAUNCHER=local|slurm (WAIT=1 waits)  NPROC=2\n'
+	@printf '  CKPT=<stage name, run dir or checkpoint>  OUT=<folder>  HF=<HF folder>  RUN=<run dir>\n'
+	@printf '  ARGS="<Hydra overrides>", e.g. ARGS="optim.lr=3e-4"\n'
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,18 +37,18 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed ## 1 Setup|create .venv from requirements.lock and install the kit into it
 
 # The `slurm` tests need a cluster: bring the local one up (root; Debian packages) unless one
 # already answers, and down again afterwards whatever pytest did. Under CI it must come up.
-test: setup artifacts/data/tiny/pretrain_s3/manifest.json
+test: setup artifacts/data/tiny/pretrain_s3/manifest.json ## 7 Checks|the test suite (CI runs it via .ci/run)
 	@up=0; bash scripts/slurm_local.sh status 2>/dev/null && up=1; \
 	if [ $$up = 0 ]; then bash scripts/slurm_local.sh up || [ -z "$$CI" ] || exit 1; fi; \
 	rc=0; $(BIN)/pytest -q --durations=12 tests || rc=$$?; \
 	if [ $$up = 0 ]; then bash scripts/slurm_local.sh down || true; fi; \
 	exit $$rc
 
-params: setup
+params: setup ## 3 Pre-training (paper 3)|total/active parameter counts of MODEL
 	$(PYTHON) -m model --model $(MODEL)
 
 # Pre-training chain (paper 3.2): stage 1 -> 2 -> 3 (16K) -> 3 (32K); each stage starts from the
@@ -52,7 +64,7 @@ PARALLEL_32K ?= $(call long_layout,axk1_32k)
 STAGE_ARGS = model=$(MODEL) hardware=$(HARDWARE) optim=$(OPTIM) $(ARGS)
 layout_of = $(if $(filter pretrain_s3_16k,$(1)),$(PARALLEL_16K),$(if $(filter pretrain_s3_32k,$(1)),$(PARALLEL_32K),$(PARALLEL)))
 
-pretrain: setup $(if $(filter tiny,$(MODEL)),artifacts/data/tiny/pretrain_s3/manifest.json)
+pretrain: setup $(if $(filter tiny,$(MODEL)),artifacts/data/tiny/pretrain_s3/manifest.json) ## 3 Pre-training (paper 3)|stages 1 -> 2 -> 3 (16K) -> 3 (32K) (MODEL HARDWARE PARALLEL NPROC LAUNCHER WAIT ARGS)
 ifeq ($(LAUNCHER),slurm)
 	$(PYTHON) launcher.py chain $(foreach s,$(PRETRAIN_STAGES),pretrain:$(s),parallelism=$(call layout_of,$(s))) launcher=slurm $(STAGE_ARGS) $(if $(WAIT),--wait)
 else
@@ -62,11 +74,11 @@ endif
 
 # Post-training chain (paper 4): instruct + reasoning SFT -> merge -> MOD SFT -> RL -> evaluate
 # (launcher.CHAINS["post"]); locally one stage after another, on Slurm chained with afterok.
-post: setup
+post: setup ## 4 Post-training (paper 4)|instruct + reasoning SFT -> merge -> MOD SFT -> RL -> evaluate (MODEL LAUNCHER WAIT ARGS)
 	$(PYTHON) launcher.py chain post launcher=$(LAUNCHER) model=$(MODEL) $(ARGS) $(if $(WAIT),--wait)
 
 # Each stage under runs/: DONE, RUNNING/PENDING (Slurm job), FAILED, CANCELLED, latest checkpoint.
-status: setup
+status: setup ## 6 Watching runs|every stage's state under runs/
 	@$(PYTHON) launcher.py status --runs runs
 
 # The tiny tokenizer and datasets are built on demand the first time a tiny run needs them.
@@ -76,19 +88,19 @@ artifacts/data/tiny/pretrain_s3/manifest.json: artifacts/tokenizer/tiny/tokenize
 	$(MAKE) data DATA=tiny
 
 # The README's first command: the whole pipeline on the tiny config, on CPU.
-smoke: setup
+smoke: setup ## 7 Checks|the whole pipeline on the tiny config on CPU
 	rm -rf runs/tiny runs/smoke && mkdir -p runs/smoke && date +%s > runs/smoke/start
 	$(MAKE) pretrain MODEL=tiny HARDWARE=cpu PARALLEL=cpu_fsdp_ep
 	$(MAKE) post MODEL=tiny
 	$(PYTHON) scripts/smoke_report.py --runs runs --model tiny --out runs/smoke/report.md --start-file runs/smoke/start
 
-clean:
+clean: ## 7 Checks|remove runs/, outputs/, multirun/
 	rm -rf runs outputs multirun
 
 # Any run's metrics as report.md + report.png in that run folder: make report RUN=runs/tiny/pretrain_s1
 RUN ?=
 .PHONY: report
-report: setup
+report: setup ## 6 Watching runs|a run's metrics as report.md + report.png (RUN)
 	@test -n "$(RUN)" || { echo "make report: set RUN=runs/<model>/<stage>"; exit 2; }
 	$(PYTHON) stages/report.py $(RUN)
 
@@ -97,13 +109,13 @@ TOKENIZER ?= tiny
 DATA      ?= tiny
 .PHONY: tokenizer tokenizer-report data
 
-tokenizer: setup
+tokenizer: setup ## 2 Data (paper 2.3, 3.1)|train the tokenizer (TOKENIZER=tiny or axk1)
 	$(PYTHON) stages/tokenizer.py tokenizer=$(TOKENIZER) $(ARGS)
 
-tokenizer-report: setup
+tokenizer-report: setup ## 2 Data (paper 2.3, 3.1)|the tokenizer's Table 6 efficiency report
 	$(PYTHON) stages/tokenizer.py tokenizer=$(TOKENIZER) mode=report $(ARGS)
 
-data: setup
+data: setup ## 2 Data (paper 2.3, 3.1)|curate, mix and pack the three stages' data (DATA=tiny or axk1)
 	$(PYTHON) stages/curate.py data=$(DATA) $(ARGS)
 
 # Production plan (paper 2.2, 2.3, 3.3-3.5): the scaling-law planner + the time model against
@@ -111,10 +123,10 @@ data: setup
 # torch's fake process group (make dryrun MODEL=axk1_519b HARDWARE=h200_1536 PARALLEL=axk1_pretrain).
 .PHONY: plan dryrun
 STAGE ?= pretrain_s1
-plan: setup
+plan: setup ## 3 Pre-training (paper 3)|scaling-law planner and the time model against Table 2 (ARGS)
 	$(PYTHON) stages/plan.py $(ARGS)
 
-dryrun: setup
+dryrun: setup ## 3 Pre-training (paper 3)|one layout's memory and step time on a fake world (MODEL HARDWARE PARALLEL STAGE ARGS)
 	$(PYTHON) stages/dryrun.py stage=$(STAGE) parallelism=$(PARALLEL) $(STAGE_ARGS) hydra.run.dir=. hydra.output_subdir=null \
 	  hydra/job_logging=disabled hydra/hydra_logging=disabled
 
@@ -126,10 +138,10 @@ OUT  ?=
 HF   ?=
 .PHONY: export import
 
-export: setup
+export: setup ## 5 Checkpoints and serving|kit checkpoint -> Hugging Face folder (CKPT OUT)
 	$(PYTHON) stages/export.py model=$(MODEL) $(if $(CKPT),ckpt=$(CKPT)) $(if $(OUT),out=$(OUT)) $(ARGS)
 
-import: setup
+import: setup ## 5 Checkpoints and serving|Hugging Face folder -> kit checkpoint (HF OUT MODEL)
 	$(PYTHON) stages/import_hf.py model=$(MODEL) hf=$(HF) out=$(OUT) $(ARGS)
 
 # vLLM serving (issue 10): .venv-vllm holds vLLM's CPU build with its own pins (requirements-vllm.lock);
@@ -145,7 +157,7 @@ $(VLLM_VENV)/.installed: requirements-vllm.lock
 	$(VLLM_VENV)/bin/python -c "import torch, vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $@
 
-serve-setup: $(VLLM_VENV)/.installed
+serve-setup: $(VLLM_VENV)/.installed ## 1 Setup|create .venv-vllm (vLLM) for serving and vllm rollouts
 
-serve: setup serve-setup
+serve: setup serve-setup ## 5 Checkpoints and serving|vLLM OpenAI-compatible server on 127.0.0.1:8000 (CKPT ARGS)
 	$(PYTHON) stages/serve.py model=$(MODEL) $(if $(CKPT),ckpt=$(CKPT)) $(ARGS)

@@ -3,7 +3,7 @@
 torchtitan's MLA has no inference cache, so decoding here re-uses the model's own modules and
 weights step by step and keeps, per layer, what MLA is designed to cache: the normalised latent
 c_kv (kv_lora_rank wide) and the rotated shared key part k_pe, not per-head keys and values.
-Each step up-projects the cached latent with the layer's own wkv_b. `tests/test_post_generate.py`
+Each step up-projects the cached latent with the layer's own wkv_b. `tests/test_kv_decoding.py`
 checks the result equals greedy argmax of the full (uncached) model forward.
 
 RL's `local` rollout backend (LocalRollouts) runs it on a separate, unsharded copy of the policy

@@ -2,6 +2,7 @@
 
   python stages/curate.py                 # tiny: artifacts/data/tiny/pretrain_s{1,2,3}/
   python stages/curate.py data=axk1       # cluster config (see conf/data/axk1.yaml)
+  python stages/curate.py data=tiny --cfg job --resolve   # prints the fully composed config, runs nothing
 
 Steps: read sources (bad records counted per reason) -> heuristic filters -> exact + near dedup
 -> model quality filter -> domain classifier -> difficulty scorer -> per-stage domain-aware mixture

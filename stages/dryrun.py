@@ -1,6 +1,7 @@
 """Dry run of a training layout: the memory each GPU needs and the step time, in one CPU process.
 
     make dryrun MODEL=axk1_519b HARDWARE=h200_1536 PARALLEL=axk1_pretrain STAGE=pretrain_s1 [ARGS=...]
+    python stages/dryrun.py stage=pretrain_s1 model=axk1_519b hardware=h200_1536 parallelism=axk1_pretrain --cfg job --resolve   # prints the fully composed config, runs nothing
 
 config -> fake world -> build each rank kind's model part -> memory plan -> time model -> report.
 torch's fake process group (every collective is a no-op) gives the chosen world size in one

@@ -2,6 +2,7 @@
 
     python stages/evaluate.py                  # base, instruct, reasoning, merged, MOD, RL rows
     python stages/evaluate.py endpoint=http://127.0.0.1:8000   # a served model (make serve), same table
+    python stages/evaluate.py --cfg job --resolve   # prints the fully composed config, runs nothing
 
 For each checkpoint and each requested mode, held-out prompts end with that mode's control tag
 (x + <think> / x + </think>, paper 4.4) and are decoded greedily with the KV cache. Columns:

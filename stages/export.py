@@ -3,6 +3,7 @@
     python stages/export.py                          # last finished stage of the smoke chain -> runs/<model>/hf/<stage>
     python stages/export.py ckpt=rl out=/tmp/axk1-hf dtype=float32
     make export CKPT=runs/tiny/rl/checkpoints/step-00000040 OUT=/tmp/axk1-hf
+    python stages/export.py --cfg job --resolve   # prints the fully composed config, runs nothing
 
 The folder loads with transformers' AutoModelForCausalLM / AXK1ForCausalLM and vLLM's AXK1
 (`make serve`). Streaming, no process group: see hf_io's docstring for the memory bound.

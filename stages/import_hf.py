@@ -3,6 +3,7 @@
     python stages/import_hf.py hf=/path/to/A.X-K1 out=runs/axk1_519b/released model=axk1_519b
     make import HF=/path/to/A.X-K1 OUT=runs/axk1_519b/released MODEL=axk1_519b
     make post MODEL=axk1_519b ARGS="stage.init_from=runs/axk1_519b/released"   # post-train released weights
+    python stages/import_hf.py hf=/path/to/A.X-K1 out=runs/axk1_519b/released model=axk1_519b --cfg job --resolve   # prints the fully composed config, runs nothing
 
 The folder must describe the model config exactly: config.json fields, and every tensor by name
 and shape (router biases included); the first difference stops the import with one line naming

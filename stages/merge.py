@@ -2,6 +2,7 @@
 
     python stages/merge.py                       # runs/<model>/sft_reasoning + sft_instruct -> runs/<model>/merge
     python stages/merge.py alpha=0.5 stage.reasoning_from=/path/to/dcp
+    python stages/merge.py --cfg job --resolve   # prints the fully composed config, runs nothing
 
 No process group and no model build: merge.py streams the DCP checkpoints tensor by tensor, so
 this runs on one host for the 519B model. Output layout is every stage's: checkpoints/step-00000000

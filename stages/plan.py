@@ -2,6 +2,7 @@
 
     make plan                         # conf/plan.yaml: model axk1_519b on hardware h200_1024
     make plan ARGS="plan.days=60 hardware.inter_node_gbps=25"
+    python stages/plan.py --cfg job --resolve   # prints the fully composed config, runs nothing
 
 Prints two markdown tables (the plan; the time model at Table 2's layouts) and ends with one JSON
 line: granularity, vocab_compute_optimal, vocab_chosen, batch_tokens, lr_peak, train_tokens, ...

@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node 2 stages/pretrain.py stage=pretrain_s1            # tiny, CPU, FSDP2 x EP 2
     python stages/pretrain.py model=axk1_519b hardware=h200_1024 parallelism=axk1_pretrain  # the paper
+    python stages/pretrain.py stage=pretrain_s1 model=axk1_519b hardware=h200_1024 parallelism=axk1_pretrain --cfg job --resolve   # prints the fully composed config, runs nothing
 
 A stage starts from the previous stage's final checkpoint (stage.init_from) and, if killed,
 resumes from its own latest checkpoint: weights, optimizer, loader position and schedules.

