@@ -110,10 +110,10 @@ DATA      ?= tiny
 .PHONY: tokenizer tokenizer-report data
 
 tokenizer: setup ## 2 Data (paper 2.3, 3.1)|train the tokenizer (TOKENIZER=tiny or axk1)
-	$(PYTHON) stages/tokenizer.py tokenizer=$(TOKENIZER) $(ARGS)
+	$(PYTHON) stages/train_tokenizer.py tokenizer=$(TOKENIZER) $(ARGS)
 
 tokenizer-report: setup ## 2 Data (paper 2.3, 3.1)|the tokenizer's Table 6 efficiency report
-	$(PYTHON) stages/tokenizer.py tokenizer=$(TOKENIZER) mode=report $(ARGS)
+	$(PYTHON) stages/train_tokenizer.py tokenizer=$(TOKENIZER) mode=report $(ARGS)
 
 data: setup ## 2 Data (paper 2.3, 3.1)|curate, mix and pack the three stages' data (DATA=tiny or axk1)
 	$(PYTHON) stages/curate.py data=$(DATA) $(ARGS)

@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent
 CHAINS = {  # SPEC 3 (pre-training stages) and SPEC 4 (Think-Fusion post-training)
     "pretrain": ["pretrain:pretrain_s1", "pretrain:pretrain_s2", "pretrain:pretrain_s3_16k",
                  "pretrain:pretrain_s3_32k"],
-    "post": ["sft:sft_instruct+sft:sft_reasoning", "merge", "sft:mod_sft", "rl", "evaluate"],
+    "post": ["sft:sft_instruct+sft:sft_reasoning", "merge_sft", "sft:mod_sft", "rl_train", "evaluate"],
 }
 
 
@@ -55,7 +55,8 @@ class LaunchError(RuntimeError):
 # Config: compose exactly what the stage's own @hydra.main would, then check it.
 # ---------------------------------------------------------------------------------------
 def _compose(script: str, overrides: list[str], conf_dir: Path) -> DictConfig:
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
     from kit import config_checks  # noqa: F401  registers the kit's OmegaConf resolvers (e.g. same_tokens)
@@ -329,8 +330,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"ok: {path.stem} on {hw.nodes} x {hw.procs_per_node} ranks ({hw.name}), "
                       f"launcher {OmegaConf.select(cfg, 'launcher.name', default='local')}")
                 if OmegaConf.select(cfg, "parallelism.pp", default=1) > 1 and "budget" in cfg.stage:
-                    from kit import config_checks
-                    from kit import pipeline  # the stage split the trainer builds, validated
+                    from kit import (
+                        config_checks,
+                        pipeline,  # the stage split the trainer builds, validated
+                    )
                     p = cfg.parallelism
                     print(pipeline.split_report(cfg.model, p.pp * p.pp_stages_per_rank, config_checks.budget(cfg).seq_len))
             return 0

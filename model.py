@@ -29,13 +29,15 @@ from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
 from torchtitan.models.common.moe import MoE, TokenChoiceTopKRouter
 from torchtitan.models.deepseek_v3 import MTPTransformerBlock, build_mla_moe_layers
-from torchtitan.models.deepseek_v3.model import DeepSeekV3Model, DeepSeekV3TransformerBlock
+from torchtitan.models.deepseek_v3.model import (
+    DeepSeekV3Model,
+    DeepSeekV3TransformerBlock,
+)
 from torchtitan.models.deepseek_v3.mtp import roll_mtp_sequence
 from torchtitan.protocols.model_spec import ModelSpec
 
-from kit import context_parallel
 import kernels
-from kit import memory_features
+from kit import context_parallel, memory_features
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 

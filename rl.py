@@ -2,7 +2,7 @@
 reward R = R_correct + R_format (Eq. 3) with rule-based verifiers.
 
 Everything here is pure tensor/string code so each piece is pinned by hand-computed tests
-(tests/test_rl.py); stages/rl.py wires it to the model and to KV-cached rollouts.
+(tests/test_rl.py); stages/rl_train.py wires it to the model and to KV-cached rollouts.
 
 GSPO (Zheng et al. 2025): the importance ratio is the length-normalised sequence likelihood ratio
     s_i = exp( (1/|y_i|) * sum_t (log pi_new(y_i,t) - log pi_old(y_i,t)) )

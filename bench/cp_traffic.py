@@ -28,8 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
     from kit import config_checks  # noqa: F401  (registers the config resolvers)
-    from hydra import compose as hydra_compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return hydra_compose("pretrain", overrides=overrides)
@@ -52,9 +54,8 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from kit import context_parallel
     import data
-    from kit import training
+    from kit import context_parallel, training
 
     cfg = compose(["parallelism=cpu_cp_ep", f"stage={args.stage}", f"data.root={args.data_root}"])
     rank, world = training.init_distributed(cfg.hardware)

@@ -10,15 +10,14 @@ import argparse
 import random
 import time
 
-
 from datatrove.data import Document  # noqa: E402
 from datatrove.pipeline.dedup import MinhashDedupSignature  # noqa: E402
 from datatrove.pipeline.dedup.minhash import MinhashConfig  # noqa: E402
 from datatrove.utils.hashing import HashConfig  # noqa: E402
 
-from kit import curation  # noqa: E402
 import data as D  # noqa: E402
 import tokenizer as tk  # noqa: E402
+from kit import curation  # noqa: E402
 
 
 def main():

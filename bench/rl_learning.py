@@ -6,7 +6,7 @@
 Starts from a checkpoint that is weak on the task family the RL data is made of (the IFEval-style
 constraints of chat_data.instruction_task; by default the smoke chain's MOD checkpoint), scores it
 on held-out instruction prompts only (chat_data.is_heldout keeps them out of the RL pool), runs
-stages/rl.py through the launcher (2 ranks, its own run dir under --out), scores the result on
+stages/rl_train.py through the launcher (2 ranks, its own run dir under --out), scores the result on
 the same prompts with the same seeds, and prints per mode and overall: sampled reward, accuracy
 and malformed share with bootstrap 95% intervals, the paired-bootstrap interval of after - before,
 and the seconds RL took. Trailing key=value arguments are Hydra overrides for the RL stage.
@@ -20,13 +20,15 @@ import shutil
 import time
 from pathlib import Path
 
-from kit import chat_data  # noqa: E402
-from kit import checkpoints  # noqa: E402
-from kit import config_checks  # noqa: E402
-from kit import kv_decoding  # noqa: E402
 import launcher  # noqa: E402
 import rl  # noqa: E402
 import tokenizer as tokmod  # noqa: E402
+from kit import (
+    chat_data,  # noqa: E402
+    checkpoints,  # noqa: E402
+    config_checks,  # noqa: E402
+    kv_decoding,  # noqa: E402
+)
 from stages import evaluate as ev
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +73,7 @@ def main() -> None:
     out = Path(a.out)
     shutil.rmtree(out, ignore_errors=True)
     rl_over = [f"run_dir={out}/rl", f"stage.init_from={init.resolve()}", *overrides]
-    rcfg, rl_over = launcher.compose("rl", rl_over, ROOT / "conf")
+    rcfg, rl_over = launcher.compose("rl_train", rl_over, ROOT / "conf")
     launcher.check(rcfg)
     t0 = time.perf_counter()
     if launcher.run_local(ROOT / "stages" / "rl.py", rcfg, rl_over) != 0:

@@ -130,7 +130,10 @@ def errors(cfg: DictConfig, world_size: int | None = None) -> list[str]:
 def pipeline_errors(cfg: DictConfig) -> list[str]:
     """A pipeline layout the kit can build: a known schedule, its stages per rank, and a split of
     [embedding, layers, head + MTP] with at least one of them on every stage (pipeline.py)."""
-    from torch.distributed.pipelining.schedules import get_schedule_class  # torch, not at import
+    from torch.distributed.pipelining.schedules import (
+        get_schedule_class,  # torch, not at import
+    )
+
     from kit import pipeline
 
     p, m, out = cfg.parallelism, cfg.model, []

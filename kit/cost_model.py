@@ -178,7 +178,9 @@ def stage_fqns(m: DictConfig, p: DictConfig, seq_len: int) -> list[list[str]]:
     n_stages = p.pp * (p.get("pp_stages_per_rank", 1) or 1)
     if n_stages == 1:
         return [["tok_embeddings"] + [f"layers.{i}" for i in range(m.n_layers)] + ["norm", "lm_head"]]
-    from kit import pipeline  # the trainer's split (pipeline imports model; keep perf_model import-light)
+    from kit import (
+        pipeline,  # the trainer's split (pipeline imports model; keep perf_model import-light)
+    )
 
     return pipeline.stage_split(m, n_stages, seq_len)
 

@@ -39,13 +39,15 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan
-from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.distributed.checkpoint.planner_helpers import (
+    create_read_items_for_chunk_list,
+)
 from torchtitan.models.deepseek_v3.state_dict_adapter import DeepSeekV3StateDictAdapter
 
-from kit import checkpoints
 import merge
 import model as axk1
 import tokenizer as tokmod
+from kit import checkpoints
 from kit.progress_bar import progress
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")

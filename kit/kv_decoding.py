@@ -35,7 +35,10 @@ def build_inference_model(model_cfg: DictConfig, device: str = "cpu") -> torch.n
 
 def sync_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
     """Copy the trainer's (possibly FSDP/EP-sharded) weights and buffers into the decode model."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
     sd = get_model_state_dict(src, options=StateDictOptions(full_state_dict=True))
     dst.load_state_dict({k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in sd.items()},
                         strict=True)

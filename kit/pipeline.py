@@ -27,13 +27,16 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 from torch.distributed.pipelining.schedules import (
-    PipelineScheduleMulti, ScheduleDualPipeV, ScheduleZBVZeroBubble, get_schedule_class,
+    PipelineScheduleMulti,
+    ScheduleDualPipeV,
+    ScheduleZBVZeroBubble,
+    get_schedule_class,
 )
 from torchtitan.config import CompileConfig
 from torchtitan.distributed.utils import clip_grad_norm_
 
-from kit import context_parallel
 import model as axk1
+from kit import context_parallel
 
 HEAD = ("norm", "lm_head")  # the last stage's fixed modules; MTP layers join them
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.fsdp import FSDPModule
 from torchtitan.components.loss import IGNORE_INDEX, cross_entropy_loss
 from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
 from torchtitan.distributed import ParallelDims
@@ -23,14 +23,16 @@ from torchtitan.distributed import utils as dist_utils
 from torchtitan.distributed.utils import clip_grad_norm_
 from torchtitan.models.deepseek_v3.mtp import roll_mtp_sequence
 
-from kit import checkpoints
-from kit import config_checks
 import kernels
-from kit import memory_features
 import model as axk1
-from kit import metrics_log
-from kit import cost_model
-from kit import pipeline
+from kit import (
+    checkpoints,
+    config_checks,
+    cost_model,
+    memory_features,
+    metrics_log,
+    pipeline,
+)
 
 
 # ----------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ RL rollouts from vLLM (stage/rl.yaml `rl.rollout_backend: vllm`, issue 11):
 - Engine: one `vllm.LLM` (vLLM's native A.X K1 model) per trainer rank, in its own process run by
   .venv-vllm's python (vLLM pins its own transformers), script vllm_worker.py, driven over a local
   socket (multiprocessing.connection, random auth key). It proposes tokens only: the log-probs the
-  GSPO loss needs are recomputed by the trainer from its own weights (stages/rl.py).
+  GSPO loss needs are recomputed by the trainer from its own weights (stages/rl_train.py).
 - Weight push, before every rollout round (so each round samples from the weights of the last
   optimizer step): a reload from an exported shard set. `write_hf_shards` streams the trainer's
   live weights through the Hugging Face export's name plan and shard layout (hf_io.hf_plan and

@@ -31,7 +31,9 @@ def repack_cpu_experts(worker) -> int:
     export; tests/test_vllm_rollout.py::test_vllm_cpu_reload_still_skips_the_expert_prepack fails
     once vLLM prepacks on reload, and this function can go.
     """
-    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import (
+        CPUUnquantizedExperts,
+    )
 
     n = 0
     for module in worker.model_runner.get_model().modules():

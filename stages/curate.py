@@ -17,14 +17,13 @@ import shutil
 import time
 from pathlib import Path
 
-
 import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from kit import curation
 import data as D
 import tokenizer as tk
+from kit import curation
 from kit.progress_bar import progress
 
 TOKENIZE_BATCH = 4096  # documents per encode_batch call (tokenizers parallelises inside one), a progress tick each
@@ -71,12 +70,16 @@ def _executor(ex_cfg: dict, pipeline: list, tasks: int, name: str, work: Path, d
 
 def filter_and_dedup(docs: list[dict], dc: DictConfig, work: Path, audit: dict) -> list[dict]:
     """Heuristic filters + exact dedup, then MinHash near-dedup, as datatrove pipelines over JSONL."""
-    from datatrove.pipeline.dedup import (MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter,
-                                          MinhashDedupSignature)
+    from datatrove.pipeline.dedup import (
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
     from datatrove.pipeline.dedup.minhash import MinhashConfig
-    from datatrove.utils.hashing import HashConfig
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
+    from datatrove.utils.hashing import HashConfig
 
     ex = OmegaConf.to_container(dc.executor, resolve=True)
     tasks = int(ex.get("tasks", 1))

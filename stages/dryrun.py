@@ -27,11 +27,13 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from kit import config_checks  # noqa: E402
-from kit import activation_memory  # noqa: E402
-from kit import cost_model  # noqa: E402
-from kit import pipeline  # noqa: E402
-from kit import training  # noqa: E402
+from kit import (
+    activation_memory,  # noqa: E402
+    config_checks,  # noqa: E402
+    cost_model,  # noqa: E402
+    pipeline,  # noqa: E402
+    training,  # noqa: E402
+)
 
 GB = 1e9
 FSDP_DIMS = {"fsdp", "efsdp", "dp_replicate", "dp_shard"}  # mesh dims FSDP gathers over

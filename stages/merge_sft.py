@@ -1,8 +1,8 @@
 """Think-Fusion merge (paper 4.3, Eq. 1): theta = alpha * theta_reasoning + (1 - alpha) * theta_instruct.
 
-    python stages/merge.py                       # runs/<model>/sft_reasoning + sft_instruct -> runs/<model>/merge
-    python stages/merge.py alpha=0.5 stage.reasoning_from=/path/to/dcp
-    python stages/merge.py --cfg job --resolve   # prints the fully composed config, runs nothing
+    python stages/merge_sft.py                       # runs/<model>/sft_reasoning + sft_instruct -> runs/<model>/merge
+    python stages/merge_sft.py alpha=0.5 stage.reasoning_from=/path/to/dcp
+    python stages/merge_sft.py --cfg job --resolve   # prints the fully composed config, runs nothing
 
 No process group and no model build: merge.py streams the DCP checkpoints tensor by tensor, so
 this runs on one host for the 519B model. Output layout is every stage's: checkpoints/step-00000000
@@ -18,8 +18,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from kit import checkpoints  # noqa: E402
 import merge  # noqa: E402
+from kit import checkpoints  # noqa: E402
 
 
 def resolve_input(cfg: DictConfig, field: str) -> Path:
@@ -31,7 +31,7 @@ def resolve_input(cfg: DictConfig, field: str) -> Path:
     run = Path(cfg.paths.runs) / cfg.model.name / src
     ptr = run / "checkpoints" / "latest"
     if not (run / "DONE.json").exists() or not ptr.exists():
-        raise FileNotFoundError(f"conf/merge.yaml stage.{field}={src}: no finished run at {run} (run stage {src} first)")
+        raise FileNotFoundError(f"conf/merge_sft.yaml stage.{field}={src}: no finished run at {run} (run stage {src} first)")
     return run / "checkpoints" / ptr.read_text().strip()
 
 
@@ -52,7 +52,7 @@ def run(cfg: DictConfig) -> dict:
     return summary
 
 
-@hydra.main(config_path="../conf", config_name="merge", version_base="1.3")
+@hydra.main(config_path="../conf", config_name="merge_sft", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         print(json.dumps(run(cfg)), flush=True)

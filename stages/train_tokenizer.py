@@ -1,9 +1,9 @@
 """Hydra stage: train the tokenizer (`make tokenizer`) or write the Table 6 report (`make tokenizer-report`).
 
-  python stages/tokenizer.py                      # tiny: artifacts/tokenizer/tiny/
-  python stages/tokenizer.py tokenizer=axk1       # 163,840-token tokenizer from your corpora
-  python stages/tokenizer.py mode=report          # ours vs an unbalanced baseline, paper 5.4
-  python stages/tokenizer.py tokenizer=axk1 --cfg job --resolve   # prints the fully composed config, runs nothing
+  python stages/train_tokenizer.py                      # tiny: artifacts/tokenizer/tiny/
+  python stages/train_tokenizer.py tokenizer=axk1       # 163,840-token tokenizer from your corpora
+  python stages/train_tokenizer.py mode=report          # ours vs an unbalanced baseline, paper 5.4
+  python stages/train_tokenizer.py tokenizer=axk1 --cfg job --resolve   # prints the fully composed config, runs nothing
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 # This script's own name would shadow the top-level tokenizer module: put the repo root first.
-
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
@@ -68,7 +67,7 @@ def _report(cfg: DictConfig) -> None:
     print(head + body + f"\nwritten to {cfg.report.out}", flush=True)
 
 
-@hydra.main(config_path="../conf", config_name="tokenizer", version_base="1.3")
+@hydra.main(config_path="../conf", config_name="train_tokenizer", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     if cfg.get("mode", "train") == "report":
         _report(cfg)
