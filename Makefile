@@ -8,7 +8,7 @@ TORCHRUN  := $(BIN)/torchrun
 MODEL     ?= tiny
 HARDWARE  ?= cpu
 PARALLEL  ?= cpu_fsdp_ep
-NPROC     ?= 2
+NPROC     ?=
 ARGS      ?=
 # LAUNCHER: local (torchrun here) | slurm (submitit jobs chained with afterok); with slurm,
 # WAIT=1 waits for the chain and fails if a stage failed.
@@ -50,20 +50,20 @@ long_layout = $(or $(if $(filter cpu_fsdp_ep,$(PARALLEL)),cpu_cp_ep),$(if $(filt
 PARALLEL_16K ?= $(call long_layout,axk1_16k)
 PARALLEL_32K ?= $(call long_layout,axk1_32k)
 STAGE_ARGS = model=$(MODEL) hardware=$(HARDWARE) optim=$(OPTIM) $(ARGS)
+NPROC_ARG = $(if $(NPROC),hardware.procs_per_node=$(NPROC))
 layout_of = $(if $(filter pretrain_s3_16k,$(1)),$(PARALLEL_16K),$(if $(filter pretrain_s3_32k,$(1)),$(PARALLEL_32K),$(PARALLEL)))
 
+# The launcher composes and checks every stage (config, command line, inputs) once, before any
+# rank starts: a mistake is one line per problem. Locally it runs the stages one after another
+# with torchrun (NPROC, if given, sets the ranks); on Slurm it submits them chained with afterok.
 pretrain: setup $(if $(filter tiny,$(MODEL)),artifacts/data/tiny/pretrain_s3/manifest.json)
-ifeq ($(LAUNCHER),slurm)
-	$(PYTHON) launcher.py chain $(foreach s,$(PRETRAIN_STAGES),pretrain:$(s),parallelism=$(call layout_of,$(s))) launcher=slurm $(STAGE_ARGS) $(if $(WAIT),--wait)
-else
-	@set -e; $(foreach s,$(PRETRAIN_STAGES),echo "== $(s) (parallelism=$(call layout_of,$(s)))"; \
-	  $(TORCHRUN) --nproc_per_node $(NPROC) --master_port $${MASTER_PORT:-29512} stages/pretrain.py stage=$(s) parallelism=$(call layout_of,$(s)) $(STAGE_ARGS);)
-endif
+	@$(PYTHON) launcher.py chain $(foreach s,$(PRETRAIN_STAGES),pretrain:$(s),parallelism=$(call layout_of,$(s))) \
+	  launcher=$(LAUNCHER) $(STAGE_ARGS) $(NPROC_ARG) $(if $(WAIT),--wait)
 
 # Post-training chain (paper 4): instruct + reasoning SFT -> merge -> MOD SFT -> RL -> evaluate
 # (launcher.CHAINS["post"]); locally one stage after another, on Slurm chained with afterok.
 post: setup
-	$(PYTHON) launcher.py chain post launcher=$(LAUNCHER) model=$(MODEL) $(ARGS) $(if $(WAIT),--wait)
+	@$(PYTHON) launcher.py chain post launcher=$(LAUNCHER) model=$(MODEL) $(ARGS) $(if $(WAIT),--wait)
 
 # Each stage under runs/: DONE, RUNNING/PENDING (Slurm job), FAILED, CANCELLED, latest checkpoint.
 status: setup
