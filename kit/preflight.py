@@ -132,6 +132,8 @@ def input_errors(script: str, cfg: DictConfig, made_earlier: set[Path], chains: 
         manifest = Path(str(cfg.data.root)) / data_stage / "manifest.json"
         if not manifest.is_file():
             out.append(f"{manifest} not found: `make data DATA={Path(str(cfg.data.root)).name}` makes it")
+    if (line := replaced_result(script, cfg)) is not None:
+        out.append(line)
     tok_dir = cfg.get("tokenizer_dir")
     if tok_dir and not (Path(str(tok_dir)) / "tokenizer.json").is_file():
         out.append(f"{tok_dir}/tokenizer.json not found: `make tokenizer TOKENIZER={Path(str(tok_dir)).name}` makes it")
@@ -143,3 +145,16 @@ def same_problem(message: str) -> str:
     the make target), so a chain reports it once."""
     head, sep, rest = message.partition(": ")
     return rest if sep and rest.startswith("no finished run at ") else message
+
+
+def replaced_result(script: str, cfg: DictConfig) -> str | None:
+    """The line refusing a stage that would replace its finished result, unless `overwrite=true`.
+    Training stages never do (a finished stage resumes at its end and stops); an evaluation
+    rewrites its table; a merge whose recorded inputs or alpha differ would replace its output."""
+    if OmegaConf.select(cfg, "overwrite", default=False) or "run_dir" not in cfg:
+        return None
+    run_dir = Path(cfg.run_dir)
+    if script == "evaluate" and (run_dir / "metrics.json").exists():
+        return (f"{run_dir / 'metrics.json'} holds a finished evaluation: kept (overwrite=true replaces it, "
+                f"run_dir=... writes elsewhere)")
+    return None

@@ -32,6 +32,7 @@ from kit import chat_data  # noqa: E402
 from kit import checkpoints  # noqa: E402
 from kit.openai_client import Endpoint, EndpointError  # noqa: E402
 from kit import kv_decoding  # noqa: E402
+from kit import preflight  # noqa: E402
 import rl  # noqa: E402
 import tokenizer as tokmod  # noqa: E402
 from kit.progress_bar import progress  # noqa: E402
@@ -164,6 +165,8 @@ def evaluate_checkpoint(net, tok, records: list[dict], cfg: DictConfig, sampled:
 
 
 def run(cfg: DictConfig) -> dict:
+    if (refusal := preflight.replaced_result("evaluate", cfg)) is not None:  # before any loading
+        raise FileExistsError(refusal)
     torch.manual_seed(cfg.seed)
     # one process: every core this process may run on (torchrun starts it with OMP_NUM_THREADS=1)
     torch.set_num_threads(cfg.num_threads or len(os.sched_getaffinity(0)))
@@ -207,7 +210,7 @@ def run(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except (FileNotFoundError, KeyError, EndpointError) as e:
+    except (FileNotFoundError, FileExistsError, KeyError, EndpointError) as e:
         sys.exit(f"[evaluate] {e}")
 
 

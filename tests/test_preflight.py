@@ -63,3 +63,26 @@ def test_make_target_of_a_stage(stage, target):
     import launcher
     model = "axk1_519b" if stage == "rl" else "tiny"
     assert preflight.make_target_for(stage, launcher.CHAINS, model) == target
+
+
+def test_an_endpoint_evaluation_leaves_the_checkpoint_table_untouched(tiny_data, tmp_path):
+    from conftest import compose_cfg, free_port, stage_module
+    from kit.openai_client import EndpointError
+
+    evaluate = stage_module("evaluate")
+    table = tmp_path / "tiny" / "evaluate" / "metrics.json"  # the smoke chain's six-checkpoint table
+    table.parent.mkdir(parents=True)
+    table.write_text('{"rows": {"base": {}, "RL": {}}}')
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there: the stage fails at its first request
+    cfg = compose_cfg("evaluate", [f"paths.runs={tmp_path}", f"endpoint={endpoint}"])
+    assert cfg.run_dir == f"{tmp_path}/tiny/evaluate_endpoint_127.0.0.1_{endpoint.rsplit(':', 1)[1]}"
+    with pytest.raises(EndpointError, match="is the server up"):
+        evaluate.run(cfg)
+    # A second checkpoint evaluation is refused in one line before loading anything, unless told.
+    with pytest.raises(FileExistsError, match="holds a finished evaluation") as refused:
+        evaluate.run(compose_cfg("evaluate", [f"paths.runs={tmp_path}"]))
+    assert "\n" not in str(refused.value) and "overwrite=true" in str(refused.value)
+    assert table.read_text() == '{"rows": {"base": {}, "RL": {}}}'
+    import launcher  # ... and the launcher refuses the same run before starting it
+    cfg, overrides = launcher.compose("evaluate", [f"paths.runs={tmp_path}"], ROOT / "conf")
+    assert any("holds a finished evaluation" in p for p in launcher.problems("evaluate", cfg, overrides, set()))
