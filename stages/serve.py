@@ -69,7 +69,7 @@ def vllm_command(cfg: DictConfig, folder: Path) -> tuple[list[str], dict]:
                 if cfg.hardware.device == "cpu" else [])
     argv = [str(Path(cfg.vllm_python).absolute()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder.resolve()),
             "--host", cfg.host, "--port", str(cfg.port), "--served-model-name", cfg.served_model_name,
-            "--dtype", served_dtype(cfg, folder), "--max-model-len", str(cfg.max_model_len),
+            "--dtype", served_dtype(cfg, folder), "--max-model-len", str(cfg.max_model_len or cfg.model.max_seq_len),
             "--tensor-parallel-size", str(cfg.tensor_parallel), *cpu_args, *map(str, cfg.extra_args)]
     return argv, env
 
