@@ -76,11 +76,12 @@ artifacts/data/tiny/pretrain_s3/manifest.json: artifacts/tokenizer/tiny/tokenize
 	$(MAKE) data DATA=tiny
 
 # The README's first command: the whole pipeline on the tiny config, on CPU.
+# The console shows each stage's progress lines and ends with the verdict, time and paths.
 smoke: setup
-	rm -rf runs/tiny runs/smoke && mkdir -p runs/smoke && date +%s > runs/smoke/start
-	$(MAKE) pretrain MODEL=tiny HARDWARE=cpu PARALLEL=cpu_fsdp_ep
-	$(MAKE) post MODEL=tiny
-	$(PYTHON) scripts/smoke_report.py --runs runs --model tiny --out runs/smoke/report.md --start-file runs/smoke/start
+	@rm -rf runs/tiny runs/smoke && mkdir -p runs/smoke && date +%s > runs/smoke/start
+	@$(MAKE) --no-print-directory pretrain MODEL=tiny HARDWARE=cpu PARALLEL=cpu_fsdp_ep
+	@$(MAKE) --no-print-directory post MODEL=tiny
+	@$(PYTHON) scripts/smoke_report.py --runs runs --model tiny --out runs/smoke/report.md --start-file runs/smoke/start
 
 clean:
 	rm -rf runs outputs multirun
