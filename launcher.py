@@ -107,6 +107,9 @@ def config_errors(cfg: DictConfig) -> list[str]:
     if hw.device == "cuda" and hw.procs_per_node != hw.gpus_per_node:
         out.append(f"hardware/{hw.name}.yaml: procs_per_node={hw.procs_per_node} must equal "
                    f"gpus_per_node={hw.gpus_per_node} (one rank per GPU)")
+    if cfg.get("max_model_len") and "model" in cfg and cfg.max_model_len > cfg.model.max_seq_len:  # serve
+        out.append(f"conf/serve.yaml max_model_len={cfg.max_model_len}: exceeds model/{cfg.model.name}.yaml "
+                   f"max_seq_len={cfg.model.max_seq_len} (vLLM refuses it; null takes max_seq_len)")
     if "stage" in cfg and "budget" in cfg.stage:  # the training stages; config_checks.py is the lead's checker
         from kit import config_checks
         out += config_checks.errors(cfg) + config_checks.loop_errors(cfg)
@@ -352,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not specs:
             raise LaunchError(f"{a.command}: name a stage script (e.g. pretrain) or a chain ({', '.join(CHAINS)})")
-        if a.command == "check":
-            for path, ov in parse_spec(specs[0], a.stages_dir):
+        if a.command == "check":  # every spec (a named chain: each of its stages), config only
+            named = CHAINS[specs[0]] if len(specs) == 1 and specs[0] in CHAINS else specs
+            for path, ov in [step for spec in named for step in parse_spec(spec, a.stages_dir)]:
                 cfg, _ = compose(path.stem, ov + overrides, a.conf_dir)
                 errs = problems(path.stem, cfg, ov + overrides)
                 for e in errs:
@@ -361,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                 if errs:
                     return 2
                 hw = hardware_of(cfg)
-                print(f"ok: {path.stem} on {hw.nodes} x {hw.procs_per_node} ranks ({hw.name}), "
+                print(f"ok: {OmegaConf.select(cfg, 'stage.name', default=path.stem)} on {hw.nodes} x {hw.procs_per_node} ranks ({hw.name}), "
                       f"launcher {OmegaConf.select(cfg, 'launcher.name', default='local')}")
                 if OmegaConf.select(cfg, "parallelism.pp", default=1) > 1 and "budget" in cfg.stage:
                     from kit import config_checks
