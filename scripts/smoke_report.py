@@ -1,4 +1,4 @@
-"""Write runs/smoke/report.md (+ loss_curves.png) from what the smoke chain measured.
+"""Write runs/smoke/report.md (+ training_curves.png) from what the smoke chain measured.
 
     python scripts/smoke_report.py --runs runs --model tiny --out runs/smoke/report.md --start-file runs/smoke/start
 
@@ -145,7 +145,7 @@ def main() -> None:
     ev = json.loads(mpath.read_text())
     rows = ev["rows"]
     out = Path(a.out)
-    plot(root, out.with_name("loss_curves.png"))
+    plot(root, out.with_name("training_curves.png"))
 
     modes = [m for m in next(iter(rows.values())) if isinstance(next(iter(rows.values()))[m], dict)]
     head = "| checkpoint | " + " | ".join(f"{m} {c[1]}" for m in modes for c in COLS) + " |"
@@ -169,13 +169,13 @@ def main() -> None:
             f"sampled: {sampled_note(rows)}; a claim comparing checkpoints holds only when the paired-bootstrap "
             "95% interval of the difference excludes zero.\n\n"
             + "\n".join(lines) + "\n\n## Claims (measured)\n\n" + "\n".join(verdicts)
-            + "\n\n## Curves\n\n![loss curves](loss_curves.png)\n\n## Sample outputs (merged, MOD, RL)\n\n" + ex + "\n")
+            + "\n\n## Curves\n\n![training curves](training_curves.png)\n\n## Sample outputs (merged, MOD, RL)\n\n" + ex + "\n")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     # the console's last line: the verdict, the chain's time, where to look
     held = sum(v.startswith("- **holds**") for v in verdicts)
     took = f"; the chain took {secs / 60:.1f} min" if secs is not None else ""
-    print(f"smoke: {held} of {len(verdicts)} claims hold{took}; report {out}, picture {out.with_name('loss_curves.png')}")
+    print(f"smoke: {held} of {len(verdicts)} claims hold{took}; report {out}, picture {out.with_name('training_curves.png')}")
 
 
 if __name__ == "__main__":
