@@ -113,7 +113,7 @@ def check_command(command: str) -> list[str]:
         return found
     if tokens[0] in ("python", "torchrun"):
         return check_python(tokens)
-    return [f"not a make/python/torchrun command: run it here or add it to EXEMPT with a reason"]
+    return ["not a make/python/torchrun command: run it here or add it to EXEMPT with a reason"]
 
 
 COMMANDS = readme_commands(README.read_text())
