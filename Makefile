@@ -8,7 +8,7 @@ TORCHRUN  := $(BIN)/torchrun
 MODEL     ?= tiny
 HARDWARE  ?= cpu
 PARALLEL  ?= cpu_fsdp_ep
-NPROC     ?= 2
+NPROC     ?=
 ARGS      ?=
 # LAUNCHER: local (torchrun here) | slurm (submitit jobs chained with afterok); with slurm,
 # WAIT=1 waits for the chain and fails if a stage failed.
@@ -62,20 +62,20 @@ long_layout = $(or $(if $(filter cpu_fsdp_ep,$(PARALLEL)),cpu_cp_ep),$(if $(filt
 PARALLEL_16K ?= $(call long_layout,axk1_16k)
 PARALLEL_32K ?= $(call long_layout,axk1_32k)
 STAGE_ARGS = model=$(MODEL) hardware=$(HARDWARE) optim=$(OPTIM) $(ARGS)
+NPROC_ARG = $(if $(NPROC),hardware.procs_per_node=$(NPROC))
 layout_of = $(if $(filter pretrain_s3_16k,$(1)),$(PARALLEL_16K),$(if $(filter pretrain_s3_32k,$(1)),$(PARALLEL_32K),$(PARALLEL)))
 
+# The launcher composes and checks every stage (config, command line, inputs) once, before any
+# rank starts: a mistake is one line per problem. Locally it runs the stages one after another
+# with torchrun (NPROC, if given, sets the ranks); on Slurm it submits them chained with afterok.
 pretrain: setup $(if $(filter tiny,$(MODEL)),artifacts/data/tiny/pretrain_s3/manifest.json) ## 3 Pre-training (paper 3)|stages 1 -> 2 -> 3 (16K) -> 3 (32K) (MODEL HARDWARE PARALLEL NPROC LAUNCHER WAIT ARGS)
-ifeq ($(LAUNCHER),slurm)
-	$(PYTHON) launcher.py chain $(foreach s,$(PRETRAIN_STAGES),pretrain:$(s),parallelism=$(call layout_of,$(s))) launcher=slurm $(STAGE_ARGS) $(if $(WAIT),--wait)
-else
-	@set -e; $(foreach s,$(PRETRAIN_STAGES),echo "== $(s) (parallelism=$(call layout_of,$(s)))"; \
-	  $(TORCHRUN) --nproc_per_node $(NPROC) --master_port $${MASTER_PORT:-29512} stages/pretrain.py stage=$(s) parallelism=$(call layout_of,$(s)) $(STAGE_ARGS);)
-endif
+	@$(PYTHON) launcher.py chain $(foreach s,$(PRETRAIN_STAGES),pretrain:$(s),parallelism=$(call layout_of,$(s))) \
+	  launcher=$(LAUNCHER) $(STAGE_ARGS) $(NPROC_ARG) $(if $(WAIT),--wait)
 
 # Post-training chain (paper 4): instruct + reasoning SFT -> merge -> MOD SFT -> RL -> evaluate
 # (launcher.CHAINS["post"]); locally one stage after another, on Slurm chained with afterok.
 post: setup ## 4 Post-training (paper 4)|instruct + reasoning SFT -> merge -> MOD SFT -> RL -> evaluate (MODEL LAUNCHER WAIT ARGS)
-	$(PYTHON) launcher.py chain post launcher=$(LAUNCHER) model=$(MODEL) $(ARGS) $(if $(WAIT),--wait)
+	@$(PYTHON) launcher.py chain post launcher=$(LAUNCHER) model=$(MODEL) $(ARGS) $(if $(WAIT),--wait)
 
 # Each stage under runs/: DONE, RUNNING/PENDING (Slurm job), FAILED, CANCELLED, latest checkpoint.
 status: setup ## 6 Watching runs|every stage's state under runs/
@@ -88,11 +88,12 @@ artifacts/data/tiny/pretrain_s3/manifest.json: artifacts/tokenizer/tiny/tokenize
 	$(MAKE) data DATA=tiny
 
 # The README's first command: the whole pipeline on the tiny config, on CPU.
+# The console shows each stage's progress lines and ends with the verdict, time and paths.
 smoke: setup ## 7 Checks|the whole pipeline on the tiny config on CPU
-	rm -rf runs/tiny runs/smoke && mkdir -p runs/smoke && date +%s > runs/smoke/start
-	$(MAKE) pretrain MODEL=tiny HARDWARE=cpu PARALLEL=cpu_fsdp_ep
-	$(MAKE) post MODEL=tiny
-	$(PYTHON) scripts/smoke_report.py --runs runs --model tiny --out runs/smoke/report.md --start-file runs/smoke/start
+	@rm -rf runs/tiny runs/smoke && mkdir -p runs/smoke && date +%s > runs/smoke/start
+	@$(MAKE) --no-print-directory pretrain MODEL=tiny HARDWARE=cpu PARALLEL=cpu_fsdp_ep
+	@$(MAKE) --no-print-directory post MODEL=tiny
+	@$(PYTHON) scripts/smoke_report.py --runs runs --model tiny --out runs/smoke/report.md --start-file runs/smoke/start
 
 clean: ## 7 Checks|remove runs/, outputs/, multirun/
 	rm -rf runs outputs multirun

@@ -37,6 +37,7 @@ import submitit
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from kit import preflight
 from kit.run_status import slurm_state, status, wait_jobs  # noqa: F401  (also the launcher's API)
 
 ROOT = Path(__file__).resolve().parent
@@ -71,18 +72,24 @@ def _compose(script: str, overrides: list[str], conf_dir: Path) -> DictConfig:
 
 def compose(script: str, overrides: list[str], conf_dir: Path) -> tuple[DictConfig, list[str]]:
     """The stage's config, interpolations resolved (what the job will see), and the overrides
-    that produce it: `launcher=X` becomes `+launcher=X` for a config without a launcher group."""
-    from hydra.errors import ConfigCompositionException
+    that produce it: `launcher=X` becomes `+launcher=X` for a config without a launcher group.
+    A command line Hydra refuses is one LaunchError line naming the closest known keys."""
+    from hydra.errors import ConfigCompositionException, HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     if not (conf_dir / f"{script}.yaml").exists():
         raise LaunchError(f"no config {conf_dir / script}.yaml for stage script {script}")
     try:
+        try:
+            return _compose(script, overrides, conf_dir), overrides
+        except ConfigCompositionException as e:
+            if "override 'launcher'" not in str(e):
+                raise
+        overrides = ["+" + o if o.startswith("launcher=") else o for o in overrides]
         return _compose(script, overrides, conf_dir), overrides
-    except ConfigCompositionException as e:
-        if "override 'launcher'" not in str(e):
-            raise LaunchError(f"{script}: {e}") from None
-    overrides = ["+" + o if o.startswith("launcher=") else o for o in overrides]
-    return _compose(script, overrides, conf_dir), overrides
+    except (HydraException, OmegaConfBaseException) as e:
+        line = preflight.composition_error(script, overrides, e, lambda ov: _compose(script, ov, conf_dir))
+        raise LaunchError(line) from None
 
 
 # Stages without a hardware group (merge, evaluate) run as one CPU task.
@@ -101,14 +108,27 @@ def config_errors(cfg: DictConfig) -> list[str]:
     if hw.device == "cuda" and hw.procs_per_node != hw.gpus_per_node:
         out.append(f"hardware/{hw.name}.yaml: procs_per_node={hw.procs_per_node} must equal "
                    f"gpus_per_node={hw.gpus_per_node} (one rank per GPU)")
+    if cfg.get("max_model_len") and "model" in cfg and cfg.max_model_len > cfg.model.max_seq_len:  # serve
+        out.append(f"conf/serve.yaml max_model_len={cfg.max_model_len}: exceeds model/{cfg.model.name}.yaml "
+                   f"max_seq_len={cfg.model.max_seq_len} (vLLM refuses it; null takes max_seq_len)")
     if "stage" in cfg and "budget" in cfg.stage:  # the training stages; config_checks.py is the lead's checker
         from kit import config_checks
         out += config_checks.errors(cfg) + config_checks.loop_errors(cfg)
     return out
 
 
-def check(cfg: DictConfig) -> None:
-    errs = config_errors(cfg)
+def problems(script: str, cfg: DictConfig, overrides: list[str], made_earlier: set[Path] | None = None) -> list[str]:
+    """Every problem of one stage, one line each: the config checks (a value the command line
+    gave is blamed on the command line) and, with `made_earlier` (the run folders of the stages
+    before it in its chain), its inputs."""
+    errs = [preflight.blame_command_line(e, overrides) for e in config_errors(cfg)]
+    if made_earlier is not None:
+        errs += preflight.input_errors(script, cfg, made_earlier, CHAINS)
+    return errs
+
+
+def check(cfg: DictConfig, overrides: list[str] = ()) -> None:
+    errs = problems("", cfg, list(overrides))
     if errs:
         more = f" (+{len(errs) - 1} more; `launcher.py check` lists all)" if len(errs) > 1 else ""
         raise LaunchError(f"refused before submission: {errs[0]}{more}")
@@ -168,7 +188,7 @@ class HydraCallback(Callback):
         # its editable install in .venv, see pyproject.toml).
         job = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         try:
-            check(job)
+            check(job, list(config.hydra.overrides.task))
         except LaunchError as e:
             sys.exit(f"axk1: {e}")
 
@@ -249,7 +269,10 @@ def run_local(script_path: Path, cfg: DictConfig, overrides: list[str]) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={hardware_of(cfg).procs_per_node}", str(script_path), *overrides]
     record(run_dir, launcher="local", state="RUNNING", overrides=overrides)
-    print(f"[launcher] {' '.join(cmd)}", flush=True)
+    label = OmegaConf.select(cfg, "stage.name", default=script_path.stem)
+    print(f"== {label}: torchrun --nproc_per_node={hardware_of(cfg).procs_per_node} "
+          f"{script_path.relative_to(ROOT) if script_path.is_relative_to(ROOT) else script_path} {' '.join(overrides)}",
+          flush=True)
     rc = subprocess.call(cmd)
     record(run_dir, launcher="local", state="COMPLETED" if rc == 0 else "FAILED", returncode=rc)
     return rc
@@ -273,9 +296,24 @@ def chain(specs: list[str], overrides: list[str], stages_dir: Path, conf_dir: Pa
     steps = [[(path, overrides + stage_ov) for path, stage_ov in parse_spec(s, stages_dir)] for s in specs]
     composed = [[(path, *compose(path.stem, ov, conf_dir)[::-1]) for path, ov in step]  # (path, ov, cfg)
                 for step in steps]
+    # Every stage is checked before torchrun or Slurm starts anything. The first stage with
+    # problems lists them, one line each; later stages' own problems are counted, not listed
+    # (they are mostly the same mistake seen again through another stage's config).
+    found, later, made = [], {}, set()
     for step in composed:
         for path, ov, cfg in step:
-            check(cfg)
+            seen = {preflight.same_problem(e) for e in found}
+            errs = [e for e in problems(path.stem, cfg, ov, made) if preflight.same_problem(e) not in seen]
+            if found and errs:
+                later[OmegaConf.select(cfg, "stage.name", default=path.stem)] = len(errs)
+            elif errs:
+                found = errs
+        made |= {Path(cfg.run_dir).resolve() for _, _, cfg in step if "run_dir" in cfg}
+    if later:
+        found.append(f"and {sum(later.values())} more in {', '.join(later)} (`launcher.py check` "
+                     f"lists one stage's; fix the above first)")
+    if found:
+        raise LaunchError("\naxk1: ".join(found))
     mode = OmegaConf.select(composed[0][0][2], "launcher.name", default="local")
     if mode == "local":  # one stage after another; the first failure stops its dependants
         for i, step in enumerate(composed):
@@ -318,16 +356,17 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not specs:
             raise LaunchError(f"{a.command}: name a stage script (e.g. pretrain) or a chain ({', '.join(CHAINS)})")
-        if a.command == "check":
-            for path, ov in parse_spec(specs[0], a.stages_dir):
+        if a.command == "check":  # every spec (a named chain: each of its stages), config only
+            named = CHAINS[specs[0]] if len(specs) == 1 and specs[0] in CHAINS else specs
+            for path, ov in [step for spec in named for step in parse_spec(spec, a.stages_dir)]:
                 cfg, _ = compose(path.stem, ov + overrides, a.conf_dir)
-                errs = config_errors(cfg)
+                errs = problems(path.stem, cfg, ov + overrides)
                 for e in errs:
                     print(f"axk1: {e}", file=sys.stderr)
                 if errs:
                     return 2
                 hw = hardware_of(cfg)
-                print(f"ok: {path.stem} on {hw.nodes} x {hw.procs_per_node} ranks ({hw.name}), "
+                print(f"ok: {OmegaConf.select(cfg, 'stage.name', default=path.stem)} on {hw.nodes} x {hw.procs_per_node} ranks ({hw.name}), "
                       f"launcher {OmegaConf.select(cfg, 'launcher.name', default='local')}")
                 if OmegaConf.select(cfg, "parallelism.pp", default=1) > 1 and "budget" in cfg.stage:
                     from kit import (

@@ -7,6 +7,7 @@ submitting to Slurm, the stage scripts before building the model.
 
 from __future__ import annotations
 
+import re
 from math import prod
 
 from omegaconf import DictConfig, OmegaConf
@@ -15,6 +16,18 @@ from omegaconf import DictConfig, OmegaConf
 # sequences of length S0 (the long-context stages keep the ~64M/75M tokens per step of 4K).
 OmegaConf.register_new_resolver(
     "same_tokens", lambda b, s0, s: None if b is None else int(b) * int(s0) // int(s), replace=True)
+
+
+
+def evaluation_folder(endpoint) -> str:
+    """conf/evaluate.yaml's folder: `evaluate` for the checkpoints' table, its own folder per served
+    endpoint (`evaluate_endpoint_127.0.0.1_8000`), so scoring a server never replaces that table."""
+    if not endpoint:
+        return "evaluate"
+    return "evaluate_endpoint_" + re.sub(r"[^A-Za-z0-9.-]+", "_", re.sub(r"^\w+://", "", str(endpoint))).strip("_")
+
+
+OmegaConf.register_new_resolver("evaluation_folder", evaluation_folder, replace=True)
 
 
 class ConfigError(ValueError):

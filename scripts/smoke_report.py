@@ -1,4 +1,4 @@
-"""Write runs/smoke/report.md (+ loss_curves.png) from what the smoke chain measured.
+"""Write runs/smoke/report.md (+ training_curves.png) from what the smoke chain measured.
 
     python scripts/smoke_report.py --runs runs --model tiny --out runs/smoke/report.md --start-file runs/smoke/start
 
@@ -145,20 +145,21 @@ def main() -> None:
     ev = json.loads(mpath.read_text())
     rows = ev["rows"]
     out = Path(a.out)
-    plot(root, out.with_name("loss_curves.png"))
+    plot(root, out.with_name("training_curves.png"))
 
     modes = [m for m in next(iter(rows.values())) if isinstance(next(iter(rows.values()))[m], dict)]
     head = "| checkpoint | " + " | ".join(f"{m} {c[1]}" for m in modes for c in COLS) + " |"
     lines = [head, "|" + "---|" * (1 + len(modes) * len(COLS))]
     for label, r in rows.items():
         lines.append(f"| {label} | " + " | ".join(cell(r[m], c[0], c[2]) for m in modes for c in COLS) + " |")
-    elapsed = ""
+    elapsed, secs = "", None
     if a.start_file and Path(a.start_file).exists():
         secs = time.time() - float(Path(a.start_file).read_text().strip())
         elapsed = f"Wall time of the chain (tokenizer -> pre-training -> post-training -> this report): **{secs / 60:.1f} min**.\n\n"
     samples = read_jsonl(root / "evaluate" / "samples.jsonl")
     ex = "\n".join(f"- {s['checkpoint']} / {s['mode']}: `{s['output'][:120]!r}` ({'ok' if s['well_formed'] else s['reason']})"
                    for s in samples if s["checkpoint"] in ("merged", "MOD", "RL"))[:4000]
+    verdicts = claims(rows)
     text = (f"# Smoke report ({a.model})\n\n{elapsed}"
             f"Held-out prompts: {ev['prompts']} (never trained on), each asked in both modes (prompt + `<think>` / "
             f"prompt + `</think>`, paper 4.4); greedy decoding, at most {ev['max_new_tokens']} new tokens. "
@@ -167,11 +168,14 @@ def main() -> None:
             "mean reward: R_correct + R_format + overlong shaping as in RL; held-out NLL: reference answer of that mode. "
             f"sampled: {sampled_note(rows)}; a claim comparing checkpoints holds only when the paired-bootstrap "
             "95% interval of the difference excludes zero.\n\n"
-            + "\n".join(lines) + "\n\n## Claims (measured)\n\n" + "\n".join(claims(rows))
-            + "\n\n## Curves\n\n![loss curves](loss_curves.png)\n\n## Sample outputs (merged, MOD, RL)\n\n" + ex + "\n")
+            + "\n".join(lines) + "\n\n## Claims (measured)\n\n" + "\n".join(verdicts)
+            + "\n\n## Curves\n\n![training curves](training_curves.png)\n\n## Sample outputs (merged, MOD, RL)\n\n" + ex + "\n")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    print(f"wrote {out}")
+    # the console's last line: the verdict, the chain's time, where to look
+    held = sum(v.startswith("- **holds**") for v in verdicts)
+    took = f"; the chain took {secs / 60:.1f} min" if secs is not None else ""
+    print(f"smoke: {held} of {len(verdicts)} claims hold{took}; report {out}, picture {out.with_name('training_curves.png')}")
 
 
 if __name__ == "__main__":

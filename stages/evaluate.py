@@ -29,15 +29,11 @@ import torch
 import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig, OmegaConf
 
-import rl  # noqa: E402
-import tokenizer as tokmod  # noqa: E402
-from kit import (
-    chat_data,  # noqa: E402
-    checkpoints,  # noqa: E402
-    kv_decoding,  # noqa: E402
-)
-from kit.openai_client import Endpoint, EndpointError  # noqa: E402
-from kit.progress_bar import progress  # noqa: E402
+import rl
+import tokenizer as tokmod
+from kit import chat_data, checkpoints, kv_decoding, preflight
+from kit.openai_client import Endpoint, EndpointError
+from kit.progress_bar import progress
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
@@ -167,6 +163,8 @@ def evaluate_checkpoint(net, tok, records: list[dict], cfg: DictConfig, sampled:
 
 
 def run(cfg: DictConfig) -> dict:
+    if (refusal := preflight.replaced_result("evaluate", cfg)) is not None:  # before any loading
+        raise FileExistsError(refusal)
     torch.manual_seed(cfg.seed)
     # one process: every core this process may run on (torchrun starts it with OMP_NUM_THREADS=1)
     torch.set_num_threads(cfg.num_threads or len(os.sched_getaffinity(0)))
@@ -210,7 +208,7 @@ def run(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except (FileNotFoundError, KeyError, EndpointError) as e:
+    except (FileNotFoundError, FileExistsError, KeyError, EndpointError) as e:
         sys.exit(f"[evaluate] {e}")
 
 

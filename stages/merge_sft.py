@@ -38,6 +38,13 @@ def resolve_input(cfg: DictConfig, field: str) -> Path:
 def run(cfg: DictConfig) -> dict:
     reasoning, instruct = resolve_input(cfg, "reasoning_from"), resolve_input(cfg, "instruct_from")
     run_dir = Path(cfg.run_dir)
+    if (run_dir / "DONE.json").exists() and not cfg.overwrite:  # a finished merge: kept, or refused
+        made = json.loads((run_dir / "merge_manifest.json").read_text())
+        if (made["alpha"], made["reasoning"]["path"], made["instruct"]["path"]) != (float(cfg.alpha), str(reasoning), str(instruct)):
+            raise FileExistsError(f"{run_dir} holds a finished merge of other inputs or alpha ({made['alpha']}): "
+                                  f"kept (overwrite=true replaces it)")
+        print(f"[merge] {run_dir}: finished already with these inputs and alpha, kept", flush=True)
+        return json.loads((run_dir / "DONE.json").read_text())
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     (run_dir / "DONE.json").unlink(missing_ok=True)  # a re-run is not done until it finishes
@@ -56,7 +63,7 @@ def run(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     try:
         print(json.dumps(run(cfg)), flush=True)
-    except (merge.MergeError, FileNotFoundError) as e:
+    except (merge.MergeError, FileNotFoundError, FileExistsError) as e:
         sys.exit(f"[merge] {e}")
 
 

@@ -20,21 +20,28 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-# Panels in drawing order: (title, keys plotted if present, y label). A panel appears in a row
-# only when its run logged one of its keys. Meanings: README "Watching a run".
+# Panels in drawing order: (title, keys plotted if present, y label, what it shows). A panel
+# appears in a row only when its run logged one of its keys. Meanings: README "Watching a run".
 PANELS = [
-    ("loss parts", ["loss", "lm_loss", "mtp_loss", "aux_loss"], "loss (log scale when positive)"),
+    ("loss parts", ["loss", "lm_loss", "mtp_loss", "aux_loss"], "loss",
+     "total, LM and MTP loss; the balance aux loss (~1e-3) on its own right-hand axis"),
     ("RL rewards (all samples)", ["reward", "accuracy", "format_error_thinking", "format_error_non_thinking",
-                                  "clip_frac"], ""),
-    ("learning rate", ["lr"], "lr"),
-    ("throughput", ["tokens_per_s"], "tokens/s"),
-    ("step time", ["step_s"], "seconds"),
+                                  "clip_frac"], "mean over the rollout batch",
+     "reward, accuracy, format errors per mode, share of clipped ratios"),
+    ("learning rate", ["lr"], "learning rate", "the schedule"),
+    ("throughput", ["tokens_per_s", "mfu"], "tokens/s", "tokens/s, MFU dashed on the right-hand axis"),
+    ("step time", ["step_s"], "seconds per step", "wall time of each step"),
     ("memory (max over ranks)", ["mem_peak_reserved_gib", "mem_peak_active_gib", "mem_rss_gib", "mem_rss_peak_gib"],
-     "GiB"),
-    ("expert load max/mean", ["expert_imbalance", "router_max_load"], "max / mean tokens per expert"),
+     "GiB", "peak reserved/active GiB on CUDA, process RSS on CPU"),
+    ("expert load max/mean", ["expert_imbalance", "router_max_load"], "max / mean tokens per expert",
+     "worst layer thick, each MoE layer thin"),
 ]
 MAX_COLS = 4  # panels side by side before a row wraps
-SECOND_AXIS = {"throughput": ("mfu", "MFU")}  # drawn on a right-hand axis of that panel
+# key -> (axis label, scale, line style): drawn on a right-hand axis of its panel, as its range
+# is another (aux loss ~1e-3 beside an LM loss ~5; MFU a fraction beside tokens/s)
+SECOND_AXIS = {"aux_loss": ("aux loss (right axis)", 1.0, ":"), "mfu": ("MFU % (right axis)", 100.0, "--")}
+COLOURS = matplotlib.colormaps["tab10"].colors  # 10 distinct colours; a panel shows at most ~6 entries
+STYLES = ["-", "--", "-.", ":"]
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -67,10 +74,52 @@ def _series(recs: list[dict], key: str, x0: int) -> dict[str, tuple[list, list]]
     return out
 
 
-def plot_rows(rows: list[tuple[str, list[tuple[str, list[dict]]], bool]], out_png: str | Path) -> Path:
+def _draw_panel(ax, runs: list[tuple[str, list[dict]]], keys: list[str], concat: bool) -> None:
+    """One panel. A single run or a chain (concat): one colour per key, the stages marked by
+    dotted lines. Several runs on one step axis: one colour per run, one line style per key.
+    Per-layer series are thin and share one legend entry; right-axis keys get their own axis."""
+    from matplotlib.lines import Line2D
+
+    main = [k for k in keys if k not in SECOND_AXIS]
+    by_run = len(runs) > 1 and not concat
+    handles, key_handles, x0, ax2, layered = {}, {}, 0, None, False  # legend: runs first, then keys
+    for r, (label, recs) in enumerate(runs):
+        for k, key in enumerate(keys):
+            right = key in SECOND_AXIS
+            axis_label, scale, style = SECOND_AXIS.get(key, (key, 1.0, STYLES[k % len(STYLES)]))
+            colour = COLOURS[r % len(COLOURS)] if by_run else ("black" if right else COLOURS[k % len(COLOURS)])
+            for s_label, (xs, ys) in _series(recs, key, x0).items():
+                if right and ax2 is None:
+                    ax2 = ax.twinx()
+                per_layer = s_label.startswith("layer")
+                layered |= per_layer
+                (ax2 if right else ax).plot(xs, [scale * y for y in ys], color=colour,
+                                            linestyle=style if (by_run or right) else "-",
+                                            linewidth=0.6 if per_layer else 1.3, alpha=0.5 if per_layer else 1.0)
+                if right:
+                    ax2.set_ylabel(axis_label, fontsize=8)
+                if by_run:
+                    handles.setdefault(label, Line2D([], [], color=colour))
+                    if len(main) > 1 or right:
+                        key_handles.setdefault(axis_label if right else key, Line2D([], [], color="0.4", linestyle=style))
+                elif not per_layer:
+                    handles.setdefault(axis_label, Line2D([], [], color=colour, linestyle=style if right else "-"))
+        if concat and recs:
+            if x0:
+                ax.axvline(x0, color="0.6", linewidth=0.6, linestyle=":")
+            ax.text(x0, 1.0, f" {label}", transform=ax.get_xaxis_transform(), fontsize=5, va="top", rotation=90)
+            x0 += recs[-1]["step"]
+    handles.update(key_handles)
+    if layered:
+        handles["each MoE layer (thin)"] = Line2D([], [], color="0.4", linewidth=0.6, alpha=0.5)
+    if handles:
+        ax.legend(list(handles.values()), list(handles), fontsize=6)
+
+
+def plot_rows(rows: list[tuple[str, list[tuple[str, list[dict]]], bool]], out_png: str | Path) -> list[str]:
     """One figure row per (row title, [(run label, records)], concat): each row draws the panels its
     runs have data for; concat=True puts the runs one after another on the step axis (a chain of
-    pre-training stages), otherwise they share it."""
+    pre-training stages), otherwise they share it. Returns the titles of the panels drawn."""
     drawn = []
     for title, runs, concat in rows:
         panels = [p for p in PANELS if any(k in r for _, recs in runs for r in recs for k in p[1])]
@@ -81,41 +130,23 @@ def plot_rows(rows: list[tuple[str, list[tuple[str, list[dict]]], bool]], out_pn
     ncols = min(MAX_COLS, max(len(d[3]) for d in drawn))
     heights = [math.ceil(len(d[3]) / ncols) for d in drawn]  # a row with many panels wraps
     fig, axes = plt.subplots(sum(heights), ncols, figsize=(4.2 * ncols, 3.4 * sum(heights)), squeeze=False)
+    titles = []
     for i, (title, runs, concat, panels) in enumerate(drawn):
         cells = [axes[sum(heights[:i]) + k // ncols][k % ncols] for k in range(heights[i] * ncols)]
         for ax in cells[len(panels):]:
             ax.axis("off")
-        for ax, (name, keys, ylabel) in zip(cells, panels):
-            x0, positive, ax2 = 0, True, None
-            for label, recs in runs:
-                for key in keys:
-                    for s_label, (xs, ys) in _series(recs, key, x0).items():
-                        per_layer = s_label.startswith("layer")
-                        name_in_legend = s_label if len(runs) == 1 else f"{label}: {s_label}"
-                        ax.plot(xs, ys, label=None if per_layer and len(runs) > 1 else name_in_legend,
-                                linewidth=0.7 if per_layer else 1.4, alpha=0.6 if per_layer else 1.0)
-                        positive &= min(ys) > 0
-                if name in SECOND_AXIS and any(SECOND_AXIS[name][0] in r for r in recs):
-                    key2, label2 = SECOND_AXIS[name]
-                    ax2 = ax2 or ax.twinx()
-                    for _, (xs, ys) in _series(recs, key2, x0).items():
-                        ax2.plot(xs, [100 * y for y in ys], linestyle="--", color="gray", label=label2)
-                    ax2.set_ylabel(f"{label2} (%)", fontsize=8)
-                if concat and recs:
-                    x0 += recs[-1]["step"]
-            if name == "loss parts" and positive:
-                ax.set_yscale("log")
+        for ax, (name, keys, ylabel, _) in zip(cells, panels):
+            _draw_panel(ax, [(label, recs) for label, recs in runs if recs], keys, concat)
             ax.set_title(f"{title}: {name}", fontsize=9)
-            ax.set(xlabel="step" + (" (stages concatenated)" if concat and len(runs) > 1 else ""), ylabel=ylabel)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=6)
+            titles.append(ax.get_title())
+            ax.set(xlabel="step" + (" (stages one after another)" if concat and len(runs) > 1 else ""), ylabel=ylabel)
             ax.grid(alpha=0.3)
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
-    return out_png
+    return titles
 
 
 def _fmt(v: float) -> str:
@@ -128,7 +159,8 @@ def write_report(run_dir: str | Path) -> Path:
     recs = read_metrics(run_dir)
     if not recs:
         raise SystemExit(f"{run_dir / 'metrics.jsonl'}: no metrics (is {run_dir} a training run folder?)")
-    png = plot_rows([(run_dir.name, [(run_dir.name, recs)], False)], run_dir / "report.png")
+    titles = plot_rows([(run_dir.name, [(run_dir.name, recs)], False)], run_dir / "report.png")
+    meaning = {f"{run_dir.name}: {name}": what for name, _, _, what in PANELS}
     done = run_dir / "DONE.json"
     last = recs[-1]
     status = (f"finished ({done.name}: {done.read_text().strip()[:300]})" if done.exists() else
@@ -147,9 +179,8 @@ def write_report(run_dir: str | Path) -> Path:
             f"Status: {status}.\n\n"
             f"{len(recs)} steps logged (steps {recs[0]['step']}-{last['step']}), {wall / 60:.1f} min of step time.\n\n"
             "![curves](report.png)\n\n"
-            "Curves (README \"Watching a run\"): loss parts (total, LM, MTP, balance aux); learning rate; "
-            "throughput (tokens/s, MFU dashed); step time; memory (peak reserved/active GiB on CUDA, process "
-            "RSS on CPU, max over ranks); expert load max/mean (worst layer thick, each MoE layer thin).\n\n"
+            "Panels (README \"Watching a run\"):\n\n"
+            + "".join(f"- {t.split(': ', 1)[1]}: {meaning[t]}\n" for t in titles) + "\n"
             + "\n".join(table) + "\n")
     out = run_dir / "report.md"
     out.write_text(text)

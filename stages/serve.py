@@ -66,13 +66,16 @@ def vllm_command(cfg: DictConfig, folder: Path) -> tuple[list[str], dict]:
                          f"${cfg.api_key_env} (vLLM then refuses requests without it)")
     if key:
         env["VLLM_API_KEY"] = key  # vLLM reads its --api-key from here
+    if (cfg.max_model_len or 0) > cfg.model.max_seq_len:  # vLLM would refuse it after loading the model
+        raise ValueError(f"conf/serve.yaml max_model_len={cfg.max_model_len}: exceeds model/{cfg.model.name}.yaml "
+                         f"max_seq_len={cfg.model.max_seq_len}; null takes max_seq_len")
     if not Path(cfg.vllm_python).exists():
         raise FileNotFoundError(f"conf/serve.yaml vllm_python={cfg.vllm_python}: not found; run `make serve-setup`")
     cpu_args = (["--compilation-config", json.dumps(vllm_engine.CPU_COMPILATION_CONFIG)]
                 if cfg.hardware.device == "cpu" else [])
     argv = [str(Path(cfg.vllm_python).absolute()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder.resolve()),
             "--host", cfg.host, "--port", str(cfg.port), "--served-model-name", cfg.served_model_name,
-            "--dtype", served_dtype(cfg, folder), "--max-model-len", str(cfg.max_model_len),
+            "--dtype", served_dtype(cfg, folder), "--max-model-len", str(cfg.max_model_len or cfg.model.max_seq_len),
             "--tensor-parallel-size", str(cfg.tensor_parallel), *cpu_args, *map(str, cfg.extra_args)]
     return argv, env
 

@@ -42,11 +42,11 @@ def test_each_violation_is_one_clear_line(overrides, world, needle):
 @pytest.mark.parametrize("name,overrides,needle", [
     ("pretrain", ["optim.lr=0"], "adamw_tiny.yaml lr=0: expected a positive learning rate"),
     ("sft", ["optim.lr=-1e-3"], "lr=-0.001: expected a positive learning rate"),
-    ("rl", ["model.top_k=0"], "top_k=0: expected at least 1 routed expert per token"),
+    ("rl_train", ["model.top_k=0"], "top_k=0: expected at least 1 routed expert per token"),
     ("pretrain", ["stage.budget.tiny.tokens=-5"], "budget.tiny.tokens=-5: expected >= 0"),
-    ("rl", ["stage.budget.tiny.steps=-1"], "budget.tiny.steps=-1: expected >= 0"),
+    ("rl_train", ["stage.budget.tiny.steps=-1"], "budget.tiny.steps=-1: expected >= 0"),
     ("sft", ["stage.lr_factor=-0.1"], "lr_factor=-0.1: expected >= 0"),
-    ("rl", ["stage.rl.rollout_backend=sglang"], "rl.yaml rl.rollout_backend=sglang: expected local or vllm"),
+    ("rl_train", ["stage.rl.rollout_backend=sglang"], "rl.yaml rl.rollout_backend=sglang: expected local or vllm"),
 ])
 def test_unusable_values_are_refused_before_building(name, overrides, needle):
     with pytest.raises(config_checks.ConfigError) as e:

@@ -39,8 +39,11 @@ def test_wrong_combination_is_refused_before_submission_with_one_line(tmp_path):
            "parallelism=axk1_pretrain", "hardware.global_batch=16000", "launcher=slurm", f"paths.runs={tmp_path}"]
     p = cli("run", *bad)
     assert p.returncode == 2, p.stderr
+    # one line per problem: the batch, and the stage this one starts from (never trained here)
     lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("axk1: refused before submission:"), p.stderr
+    assert len(lines) == 2 and all(line.startswith("axk1: ") for line in lines), p.stderr
+    assert "16000" in lines[0] and "96" in lines[0], p.stderr
+    assert "init_from=pretrain_s1" in lines[1] and "`make pretrain MODEL=axk1_519b`" in lines[1], p.stderr
     assert not list(tmp_path.rglob("jobs.jsonl")), "nothing may be submitted"
     # `check` lists every problem, one per line; the batch one names the numbers.
     p = cli("check", *bad)

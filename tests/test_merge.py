@@ -152,6 +152,17 @@ def test_merge_stage_layout(tmp_path):
     got = load_all(out / "checkpoints" / "step-00000000", model_sd(1))
     assert torch.allclose(got["norm.weight"], 0.8 * model_sd(1)["norm.weight"] + 0.2 * model_sd(2)["norm.weight"])
     assert summary["finished"]
+    # A re-run with the same inputs and alpha keeps the finished merge; another alpha is refused
+    # in one line and replaces nothing, unless told to overwrite.
+    made = (out / "merge_manifest.json").read_text()
+    assert stage.run(cfg) == json.loads((out / "DONE.json").read_text())
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        other = compose("merge_sft", overrides=[f"paths.runs={tmp_path}", "alpha=0.5"])
+        replace = compose("merge_sft", overrides=[f"paths.runs={tmp_path}", "alpha=0.5", "overwrite=true"])
+    with pytest.raises(FileExistsError, match="finished merge of other inputs or alpha") as refused:
+        stage.run(other)
+    assert "\n" not in str(refused.value) and (out / "merge_manifest.json").read_text() == made
+    assert stage.run(replace)["alpha"] == 0.5
     (tmp_path / "tiny" / "sft_instruct" / "DONE.json").unlink()
     with pytest.raises(FileNotFoundError, match="stage.instruct_from=sft_instruct"):
         stage.run(cfg)

@@ -94,6 +94,11 @@ def test_non_loopback_host_needs_the_key_and_the_key_never_hits_argv(monkeypatch
     monkeypatch.delenv("VLLM_API_KEY")
     argv, _ = serve.vllm_command(loopback, ROOT)
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    # the README's `make serve CKPT=mod_sft`: no max_model_len given, so the model's own context
+    # (vLLM refuses a longer one than config.json's max_position_embeddings)
+    assert argv[argv.index("--max-model-len") + 1] == str(loopback.model.max_seq_len) == "1024"
+    given = compose_cfg("serve", overrides=[f"vllm_python={sys.executable}", "max_model_len=512"])
+    assert serve.vllm_command(given, ROOT)[0][argv.index("--max-model-len") + 1] == "512"
 
 
 @needs_vllm
