@@ -110,18 +110,26 @@ def score_row(cfg: DictConfig, key: str, spec: DictConfig, mode: str, items: lis
     return row, samples
 
 
+def results_folder(cfg: DictConfig) -> Path:
+    """OUT, else <checkpoint>/bench (the HF folder's for hf_dir), or runs/<model>/bench/endpoint."""
+    if cfg.results_dir:
+        return Path(cfg.results_dir)
+    if cfg.endpoint:
+        return Path(cfg.paths.runs) / cfg.model.name / "bench" / "endpoint"
+    if cfg.hf_dir:
+        return Path(cfg.hf_dir) / "bench"
+    return hf_io.resolve_checkpoint(cfg.ckpt, cfg.stages, Path(cfg.paths.runs) / cfg.model.name)[0] / "bench"
+
+
 @contextlib.contextmanager
 def served_model(cfg: DictConfig):
-    """(Endpoint, default results folder): cfg.endpoint as is, or the checkpoint's export served by
-    vLLM on cfg.host:cfg.port (stages/serve.py's command), stopped when the block ends."""
+    """The Endpoint: cfg.endpoint as is, or the checkpoint's export served by vLLM on
+    cfg.host:cfg.port (stages/serve.py's command; log in the results folder), stopped when the block ends."""
     client = dict(api_key_env=cfg.api_key_env, timeout_s=cfg.request_timeout_s, parallel=cfg.parallel)
     if cfg.endpoint:
-        yield Endpoint(cfg.endpoint, **client), Path(cfg.paths.runs) / cfg.model.name / "bench" / "endpoint"
+        yield Endpoint(cfg.endpoint, **client)
         return
-    if cfg.hf_dir:
-        results = Path(cfg.hf_dir) / "bench"
-    else:
-        results = hf_io.resolve_checkpoint(cfg.ckpt, cfg.stages, Path(cfg.paths.runs) / cfg.model.name)[0] / "bench"
+    results = results_folder(cfg)
     if not os.environ.get(cfg.api_key_env):  # a key for this run only; it reaches vLLM through its environment
         os.environ[cfg.api_key_env] = secrets.token_urlsafe(24)
     argv, env = serve.vllm_command(cfg, serve.export_folder(cfg))
@@ -141,7 +149,7 @@ def served_model(cfg: DictConfig):
                     raise EndpointError(f"vLLM did not come up (exit {proc.poll()}); see {results / 'vllm.log'}")
                 time.sleep(3)
         print(f"[eval_bench] vLLM up in {time.time() - start:.0f} s", flush=True)
-        yield endpoint, results
+        yield endpoint
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -165,9 +173,9 @@ def run(cfg: DictConfig) -> dict:
         rows.append(done)
         if done is None:
             todo.append((len(rows) - 1, key, spec, mode, items))
-    with served_model(cfg) if todo else contextlib.nullcontext((None, None)) as (endpoint, default_dir):
-        results = Path(cfg.results_dir or default_dir or Path(cfg.paths.runs) / cfg.model.name / "bench" / "no_model")
-        (results / "samples").mkdir(parents=True, exist_ok=True)
+    results = results_folder(cfg)
+    (results / "samples").mkdir(parents=True, exist_ok=True)
+    with served_model(cfg) if todo else contextlib.nullcontext() as endpoint:
         max_len = server_max_len(endpoint) if endpoint else None
         for slot, key, spec, mode, items in todo:
             preset = sampling(cfg, mode, max_len)
@@ -178,7 +186,8 @@ def run(cfg: DictConfig) -> dict:
             rows[slot], samples = score_row(cfg, key, spec, mode, items, outputs, seeds, preset, sandbox)
             with (results / "samples" / f"{key}_{mode}.jsonl").open("w") as f:
                 f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
-        model = cfg.endpoint or (endpoint.model if endpoint else "")
+        served = f" (served as {endpoint.model})" if endpoint else ""
+        model = f"{cfg.endpoint or cfg.hf_dir or cfg.ckpt or 'the last finished smoke stage'}{served}"
     write_results(rows, results, model)
     return {"rows": rows, "results_dir": str(results)}
 
