@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch.distributed.checkpoint as dcp
 from conftest import ROOT, compose_cfg, free_port, stage_module
-from omegaconf import OmegaConf
 
 from kit import bench_tasks, code_sandbox
 from kit.openai_client import Endpoint
