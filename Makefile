@@ -28,6 +28,7 @@ help:
 	@printf '\nVariables: MODEL=tiny|axk1_519b  HARDWARE=cpu|h200_node|h200_1024|h200_1536\n'
 	@printf '  PARALLEL=<conf/parallelism/*.yaml>  LAUNCHER=local|slurm (WAIT=1 waits)  NPROC=2\n'
 	@printf '  CKPT=<stage name, run dir or checkpoint>  OUT=<folder>  HF=<HF folder>  RUN=<run dir>\n'
+	@printf '  ENDPOINT=<http://host:port of a served model>  LIMIT=<items per benchmark> (make eval-bench)\n'
 	@printf '  ARGS="<Hydra overrides>", e.g. ARGS="optim.lr=3e-4"\n'
 
 $(VENV)/.installed: requirements.lock pyproject.toml
@@ -162,3 +163,14 @@ serve-setup: $(VLLM_VENV)/.installed ## 1 Setup|create .venv-vllm (vLLM) for ser
 
 serve: setup serve-setup ## 5 Checkpoints and serving|vLLM OpenAI-compatible server on 127.0.0.1:8000 (CKPT ARGS)
 	$(PYTHON) stages/serve.py model=$(MODEL) $(if $(CKPT),ckpt=$(CKPT)) $(ARGS)
+
+# The paper's benchmark tables (issue 19, Tables 4-5): `make eval-bench CKPT=...` exports if needed,
+# serves the checkpoint with vLLM on 127.0.0.1 (key from $$VLLM_API_KEY, or one made for the run) and
+# scores both modes; ENDPOINT=http://... scores any served OpenAI-compatible model instead. LIMIT caps
+# items per benchmark; OUT is the results folder (default <checkpoint>/bench). README "Benchmarks".
+ENDPOINT ?=
+LIMIT    ?=
+.PHONY: eval-bench
+eval-bench: setup $(if $(ENDPOINT),,serve-setup) ## 5 Checkpoints and serving|the paper's Tables 4-5 on a served model (CKPT or ENDPOINT, LIMIT OUT ARGS)
+	$(PYTHON) stages/eval_bench.py model=$(MODEL) $(if $(CKPT),ckpt=$(CKPT)) $(if $(ENDPOINT),endpoint=$(ENDPOINT)) \
+	  $(if $(LIMIT),limit=$(LIMIT)) $(if $(OUT),results_dir=$(OUT)) $(ARGS)

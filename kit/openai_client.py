@@ -4,11 +4,17 @@ the kit's decoder so stages/evaluate.py scores a served model exactly as it scor
     ep = Endpoint("http://127.0.0.1:8000", api_key_env="VLLM_API_KEY")
     ep.complete(prompts_ids, max_new_tokens=64, eos_id=1, temperature=0.0)   # -> [kv_decoding.Rollout]
     ep.prompt_logprobs(ids)                                                 # -> log p(ids[i] | ids[:i])
+    ep.chat([messages], mode="thinking", sampling=preset, seeds=[7])       # -> [{"text", "finish_reason"}]
 
 Prompts travel as token ids (the kit's chat template already applied, so both modes' control tags
 are exactly the kit's) and come back as token ids (`return_token_ids`, vLLM >= 0.10); a server
 without that field gets its text re-encoded with the kit tokenizer. The API key is read from an
 environment variable, never passed on a command line.
+
+`chat` is the benchmark path (stages/eval_bench.py): the server applies its own chat template, so any
+OpenAI-compatible model is scored the same way; the mode travels as chat_template_kwargs.enable_thinking
+and skip_special_tokens=false keeps the think tags (special tokens) in the text, where the answer is
+read after </think>.
 """
 
 from __future__ import annotations
@@ -78,6 +84,25 @@ class Endpoint:
         with ThreadPoolExecutor(self.parallel) as pool:
             return list(pool.map(lambda a: self._one(a[0], max_new_tokens, eos_id, temperature, top_k, a[1]),
                                  zip(prompts, seeds)))
+
+    def chat_body(self, messages: list[dict], mode: str, sampling, seed: int) -> dict:
+        """One /v1/chat/completions request in `mode` with the preset's sampling and its own seed."""
+        return {"model": self.model, "messages": messages, "max_tokens": int(sampling.max_tokens),
+                "temperature": float(sampling.temperature), "top_p": float(sampling.top_p),
+                "top_k": int(sampling.top_k), "seed": int(seed), "skip_special_tokens": False,
+                "chat_template_kwargs": {"enable_thinking": mode == "thinking"}}
+
+    def chat(self, conversations: list[list[dict]], *, mode: str, sampling, seeds: list[int]) -> list[dict]:
+        """The generated text (think tags kept) and finish reason of each conversation, in order."""
+        def one(pair):
+            choice = self._request("/v1/chat/completions", self.chat_body(pair[0], mode, sampling, pair[1]))["choices"][0]
+            message = choice.get("message") or {}
+            text = message.get("content") or ""
+            if message.get("reasoning_content"):  # a server running a reasoning parser splits the trace off
+                text = f"{message['reasoning_content']}</think>{text}"
+            return {"text": text, "finish_reason": choice.get("finish_reason")}
+        with ThreadPoolExecutor(self.parallel) as pool:
+            return list(pool.map(one, zip(conversations, seeds)))
 
     def prompt_logprobs(self, ids: list[int]) -> list[float]:
         """log p(ids[i] | ids[:i]) for i >= 1 (the OpenAI `echo` + `logprobs` form)."""
