@@ -100,6 +100,8 @@ def check_command(command: str) -> list[str]:
     tokens = shlex.split(command, comments=True)
     for placeholder, value in PLACEHOLDERS.items():
         tokens = [t.replace(placeholder, value) for t in tokens]
+    while tokens and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", tokens[0]):  # VLLM_API_KEY=... make ...
+        tokens = tokens[1:]
     if tokens[0] == "make":
         p = subprocess.run(["make", "-n", "--no-print-directory", *tokens[1:]], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
