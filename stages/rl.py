@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 
 from kit import chat_data  # noqa: E402
 from kit import checkpoints  # noqa: E402
+from kit import run_lease  # noqa: E402
 from kit import config_checks  # noqa: E402
 from kit import kv_decoding  # noqa: E402
 import rl  # noqa: E402
@@ -78,6 +79,7 @@ def run(cfg: DictConfig) -> dict:
     config_checks.validate(cfg, world)
     stage, b, o, R = cfg.stage, config_checks.budget(cfg), cfg.optim, cfg.stage.rl
     run_dir = Path(cfg.run_dir)
+    lease = run_lease.take(run_dir, cfg.lease, stage.name)  # one writer per run folder, before any read or write
     training.save_resolved_config(cfg, run_dir, rank)
     torch.set_num_threads(max(1, cfg.hardware.cpus_per_task))
     rcfg = rl.RewardConfig(correct=stage.reward.correct, incorrect=stage.reward.incorrect,
@@ -101,9 +103,9 @@ def run(cfg: DictConfig) -> dict:
 
     # ---- resume, or start from the previous stage ----------------------------------------
     state = {"step": 0, "cursor": 0}
-    latest = checkpoints.latest_checkpoint(run_dir)
+    latest, saved = checkpoints.resume(run_dir, net, opt, stage.name, cfg.checkpoint.checksum)
     if latest is not None:
-        state = checkpoints.load_checkpoint(latest, net, opt)
+        state = saved
     else:
         checkpoints.load_model_weights(checkpoints.resolve_init(cfg), net)
     if rank == 0:
@@ -207,12 +209,16 @@ def run(cfg: DictConfig) -> dict:
         # ---- checkpoint ------------------------------------------------------------------
         finished = state["step"] >= b.steps
         if finished or state["step"] % cfg.checkpoint.every_steps == 0:
-            checkpoints.save_checkpoint(run_dir, state["step"], net, opt, state, cfg.checkpoint.keep_last)
+            checkpoints.save_checkpoint(run_dir, state["step"], net, opt, state, cfg.checkpoint.keep_last,
+                                        cfg.checkpoint.checksum)
+        lease.heartbeat()
 
     log.close()
     rollouts.close()
     summary = {"stage": stage.name, "step": state["step"], "run_dir": str(run_dir), "finished": state["step"] >= b.steps}
-    return training.finish_stage(run_dir, summary)
+    summary = training.finish_stage(run_dir, summary)
+    lease.release()
+    return summary
 
 
 @hydra.main(config_path="../conf", config_name="rl", version_base="1.3")
