@@ -278,6 +278,7 @@ def resume(run_dir, net, opt, stage_name: str, checksum: str | None) -> tuple[Pa
     (size always, checksum when `checksum` is set) or that fails to load is reported in one line
     naming the file and set aside as step-N.damaged once an older one has loaded; none intact stops
     the stage in one line (nothing is set aside then)."""
+    checkpoint_manifest.check_algorithm(checksum)
     root = ckpt_root(run_dir)
     latest = latest_checkpoint(run_dir)
     steps = [p for p in reversed(_step_dirs(root)) if latest is None or p.name <= latest.name]

@@ -138,6 +138,10 @@ def test_previous_optimizer_layout_migrates_with_the_same_next_step_loss(referen
     save_format_1(old / "step-00000006", parts[0], opt, state)
     (old / "latest").write_text("step-00000006")
     assert checkpoints.checkpoint_format(old / "step-00000006") == 1
+    # The router biases are model buffers: they travel in the same DCP checkpoint as the weights
+    # (the loader position and the schedules' counters in its train_state.json).
+    keys = dcp.FileSystemReader(str(old / "step-00000006")).read_metadata().state_dict_metadata
+    assert sum(k.endswith("moe.expert_bias_E") for k in keys) >= cfg.model.n_layers - cfg.model.n_dense_layers
 
     # Every checkpoint damaged: one line, and nothing set aside (the user decides).
     broken = tmp_path / "broken" / "checkpoints"
