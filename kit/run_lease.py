@@ -45,6 +45,8 @@ def _proc_start(pid: int) -> str | None:
 
 
 def _pid_alive(pid: int, start: str | None) -> bool:
+    if pid <= 0:  # not a process (os.kill would address a process group)
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -141,13 +143,17 @@ def _write(path: Path, record: dict) -> None:
 
 
 def _create(path: Path, record: dict) -> bool:
-    """Create the lease only if there is none (O_EXCL: of two processes racing, one wins)."""
+    """Create the lease only if there is none, whole: written beside, then hard-linked into place
+    (link fails if the name exists, so of two processes racing one wins, and no reader ever sees
+    a half-written lease)."""
+    tmp = path.with_name(f"{path.name}.{record['token']}.new")
+    tmp.write_text(json.dumps(record))
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.link(tmp, path)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(record))
+    finally:
+        tmp.unlink(missing_ok=True)
     return True
 
 
