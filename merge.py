@@ -130,9 +130,10 @@ class LazySavePlanner(DefaultSavePlanner):
         return self.produce(write_item.index.fqn[len(PREFIX):])
 
 
-def merge_checkpoints(reasoning: Path, instruct: Path, out: Path, alpha: float, *, hash_inputs: bool = True) -> dict:
+def merge_checkpoints(reasoning: Path, instruct: Path, out: Path, alpha: float, *, hash_inputs: bool = True,
+                      on_tensor=None) -> dict:
     """Write the Eq. 1 merge of two DCP checkpoints to `out`; returns the manifest (also saved
-    as `out/merge_manifest.json`)."""
+    as `out/merge_manifest.json`). on_tensor(): called before each tensor (the run lease's heartbeat)."""
     if not 0.0 <= alpha <= 1.0:
         raise MergeError(f"alpha={alpha}: expected a value in [0, 1] (paper 4.3 uses 0.8)")
     reasoning, instruct, out = Path(reasoning), Path(instruct), Path(out)
@@ -145,6 +146,8 @@ def merge_checkpoints(reasoning: Path, instruct: Path, out: Path, alpha: float, 
 
     def produce(fqn: str) -> torch.Tensor:
         bar.update(int(torch.Size(meta_r[fqn].size).numel()))
+        if on_tensor is not None:
+            on_tensor()
         r = load_tensor(reasoning, fqn, meta_r[fqn])
         i = load_tensor(instruct, fqn, meta_i[fqn])
         if r.is_floating_point():

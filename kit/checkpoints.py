@@ -1,12 +1,16 @@
 """DCP checkpoints of the training stages: directories written beside, then renamed; `latest`
 names the newest. Model and optimizer state are saved under the whole model's parameter names, so
 a checkpoint from one layout (FSDP x EP, PP, CP) resumes on any other; a resume prints what changed.
+Each checkpoint records its format version and the size and checksum of its files
+(checkpoint_manifest.py); a resume verifies them and falls back to the newest intact checkpoint,
+and migrates a checkpoint of an older format (MIGRATIONS) as it loads it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -22,7 +26,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from kit import checkpoint_manifest
 from kit import config_checks
+
+_STEP_DIR = re.compile(r"step-\d+")  # a finished checkpoint (not .tmp, not set aside as .damaged)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -100,10 +107,16 @@ def resume_changes(saved: dict, now: dict, step: int) -> list[str]:
     return out
 
 
-def save_checkpoint(run_dir, step: int, net, opt, train_state: dict, keep_last: int) -> Path:
+def _step_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and _STEP_DIR.fullmatch(p.name))
+
+
+def save_checkpoint(run_dir, step: int, net, opt, train_state: dict, keep_last: int,
+                    checksum: str | None = "crc32") -> Path:
     """All ranks write into step-N.tmp; rank 0 renames it and then moves `latest`, so a crash
     mid-write leaves the previous checkpoint (and the pointer to it) untouched. `net`/`opt` may be
-    lists (pipeline chunks and their optimizers)."""
+    lists (pipeline chunks and their optimizers). Before the rename every rank sizes (and, with
+    `checksum`, hashes) its share of the files for manifest.json."""
     root = ckpt_root(run_dir)
     final, tmp = root / f"step-{step:08d}", root / f"step-{step:08d}.tmp"
     rank = dist.get_rank()
@@ -116,10 +129,13 @@ def save_checkpoint(run_dir, step: int, net, opt, train_state: dict, keep_last: 
     dist.barrier()
     if rank == 0:
         (tmp / "train_state.json").write_text(json.dumps(train_state))
+    dist.barrier()
+    checkpoint_manifest.write(tmp, checksum)  # gathers every rank's share: also a barrier
+    if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         write_atomic(root / "latest", final.name)
-        steps = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+        steps = _step_dirs(root)
         for old in steps[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
@@ -152,14 +168,18 @@ def save_model_weights(path: Path, net) -> None:
 
 def load_checkpoint(path: Path, net, opt) -> dict:
     """Resume: weights, optimizer and train state, from a checkpoint of any layout (DCP
-    reshards by name)."""
+    reshards by name) written in the current format (resume() migrates older ones)."""
     model_sd, optim_sd, per_part = _train_state_dicts(net, opt)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
-    for part, o, (mkeys, okeys) in zip(_parts(net), _parts(opt), per_part):
-        set_state_dict(part, o, model_state_dict={k: state["model"][k] for k in mkeys},
-                       optim_state_dict={k: state["optim"][k] for k in okeys}, options=_FLAT)
+    _set_train_state(net, opt, per_part, state["model"], state["optim"])
     return json.loads((path / "train_state.json").read_text())
+
+
+def _set_train_state(net, opt, per_part, model_sd: dict, optim_sd: dict) -> None:
+    for part, o, (mkeys, okeys) in zip(_parts(net), _parts(opt), per_part):
+        set_state_dict(part, o, model_state_dict={k: model_sd[k] for k in mkeys},
+                       optim_state_dict={k: optim_sd[k] for k in okeys}, options=_FLAT)
 
 
 def load_model_weights(path: Path, net) -> None:
@@ -183,3 +203,111 @@ def resolve_init(cfg: DictConfig) -> Path | None:
             raise FileNotFoundError(f"stage/{cfg.stage.name}.yaml init_from={src}: no finished run at {run} "
                                     f"(run stage {src} first)")
     return p
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoint formats: the version a checkpoint was written in, and how older ones load.
+# ----------------------------------------------------------------------------------------
+class CheckpointFormatError(SystemExit):
+    """A checkpoint this kit cannot read: one line naming both format versions."""
+
+
+def checkpoint_format(path: Path) -> int:
+    """The format version of a checkpoint: its manifest's, else told by its keys (checkpoints
+    written before manifests: param_groups by index is format 1, by name format 2)."""
+    manifest = checkpoint_manifest.read(path)
+    if manifest is not None:
+        return int(manifest["format_version"])
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return 1 if any(k.startswith("optim.param_groups.0.") for k in keys) else 2
+
+
+def _load_format_1(path: Path, net, opt) -> dict:
+    """Format 1 -> 2: the tensors of the optimizer state (optim.state.<name>.<field>) have the same
+    keys in both; only param_groups moved from a list (optim.param_groups.<i>.<field>, with the
+    group's parameter names in .params) to one entry per parameter name. Reads the tensors by
+    name, the groups by index, and hands each parameter its group's fields."""
+    model_sd, optim_sd, per_part = _train_state_dicts(net, opt)
+    tensors = {k: v for k, v in optim_sd.items() if k.startswith("state.")}
+    dcp.load({"model": model_sd, "optim": tensors}, checkpoint_id=str(path))
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    fields: dict[int, dict] = {}
+    for key in keys:
+        if key.startswith("optim.param_groups."):
+            index, field = key[len("optim.param_groups."):].split(".", 1)
+            fields.setdefault(int(index), {})[field] = None
+    groups = {"param_groups": [fields[i] for i in sorted(fields)]}
+    dcp.load({"optim": groups}, checkpoint_id=str(path))  # small values, read on every rank
+    group_of = {name: group for group in groups["param_groups"] for name in group["params"]}
+    for key in optim_sd:
+        if key.startswith("param_groups."):
+            name, field = key[len("param_groups."):].rsplit(".", 1)
+            optim_sd[key] = group_of[name].get(field, optim_sd[key])
+        else:
+            optim_sd[key] = tensors[key]
+    _set_train_state(net, opt, per_part, model_sd, optim_sd)
+    return json.loads((path / "train_state.json").read_text())
+
+
+# format version -> the loader that reads it into the current in-memory state; a format change
+# adds its predecessor here (checkpoint_manifest.FORMAT_VERSION).
+MIGRATIONS = {1: _load_format_1}
+
+
+def _load_any_format(path: Path, net, opt, stage_name: str) -> dict:
+    version, now = checkpoint_format(path), checkpoint_manifest.FORMAT_VERSION
+    if version == now:
+        return load_checkpoint(path, net, opt)
+    if version not in MIGRATIONS:
+        raise CheckpointFormatError(1 if dist.get_rank() else
+            f"[{stage_name}] {path}: checkpoint format {version}, this kit reads formats "
+            f"{sorted([*MIGRATIONS, now])} and writes {now}: resume it with the kit that wrote it, or add its "
+            f"migration to kit/checkpoints.py MIGRATIONS (see README 'Run safety')")
+    state = MIGRATIONS[version](path, net, opt)
+    if dist.get_rank() == 0:
+        print(f"[{stage_name}] {path.name} is checkpoint format {version} ({checkpoint_manifest.FORMATS[version]}); "
+              f"migrated to format {now} ({checkpoint_manifest.FORMATS[now]}) as it loaded; the next checkpoint "
+              f"is written in format {now}", flush=True)
+    return state
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:300]}"
+
+
+def resume(run_dir, net, opt, stage_name: str, checksum: str | None) -> tuple[Path | None, dict | None]:
+    """All ranks: load the newest intact checkpoint of run_dir; (None, None) when it has none.
+    Newest first from the one `latest` names: a checkpoint whose manifest disagrees with its files
+    (size always, checksum when `checksum` is set) or that fails to load is reported in one line
+    naming the file and set aside as step-N.damaged once an older one has loaded; none intact stops
+    the stage in one line (nothing is set aside then)."""
+    checkpoint_manifest.check_algorithm(checksum)
+    root = ckpt_root(run_dir)
+    latest = latest_checkpoint(run_dir)
+    steps = [p for p in reversed(_step_dirs(root)) if latest is None or p.name <= latest.name]
+    damaged = []
+    for path in steps:
+        problem = checkpoint_manifest.verify(path, use_checksums=checksum not in (None, "none"))
+        state = None
+        if problem is None:
+            try:
+                state = _load_any_format(path, net, opt, stage_name)
+            except CheckpointFormatError:
+                raise
+            except Exception as e:  # noqa: BLE001 - DCP raises its read errors on every rank
+                problem = f"{path}: does not load ({_one_line(e)})"
+        if state is not None:
+            if dist.get_rank() == 0:
+                for bad in damaged:
+                    os.replace(bad, bad.with_name(bad.name + ".damaged"))
+            dist.barrier()
+            return path, state
+        damaged.append(path)
+        if dist.get_rank() == 0:
+            print(f"[{stage_name}] checkpoint {path.name} is damaged: {problem}; trying the one before it", flush=True)
+    if damaged:  # rank 0 says it; the other ranks stop quietly beside it
+        raise SystemExit(1 if dist.get_rank() else f"[{stage_name}] no intact checkpoint in {root} ({', '.join(p.name for p in damaged)} "
+                         f"all damaged, see the lines above); not starting over on top of them: move them aside "
+                         f"to start from scratch")
+    return None, None

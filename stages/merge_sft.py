@@ -18,8 +18,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-import merge  # noqa: E402
-from kit import checkpoints  # noqa: E402
+import merge
+from kit import checkpoints, run_lease
 
 
 def resolve_input(cfg: DictConfig, field: str) -> Path:
@@ -38,24 +38,28 @@ def resolve_input(cfg: DictConfig, field: str) -> Path:
 def run(cfg: DictConfig) -> dict:
     reasoning, instruct = resolve_input(cfg, "reasoning_from"), resolve_input(cfg, "instruct_from")
     run_dir = Path(cfg.run_dir)
+    lease = run_lease.take(run_dir, cfg.lease, cfg.stage.name)  # one writer per run folder, before any read or write
     if (run_dir / "DONE.json").exists() and not cfg.overwrite:  # a finished merge: kept, or refused
         made = json.loads((run_dir / "merge_manifest.json").read_text())
         if (made["alpha"], made["reasoning"]["path"], made["instruct"]["path"]) != (float(cfg.alpha), str(reasoning), str(instruct)):
             raise FileExistsError(f"{run_dir} holds a finished merge of other inputs or alpha ({made['alpha']}): "
                                   f"kept (overwrite=true replaces it)")
         print(f"[merge] {run_dir}: finished already with these inputs and alpha, kept", flush=True)
+        lease.release()
         return json.loads((run_dir / "DONE.json").read_text())
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     (run_dir / "DONE.json").unlink(missing_ok=True)  # a re-run is not done until it finishes
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     out = root / "step-00000000"
-    manifest = merge.merge_checkpoints(reasoning, instruct, out, float(cfg.alpha), hash_inputs=bool(cfg.hash_inputs))
+    manifest = merge.merge_checkpoints(reasoning, instruct, out, float(cfg.alpha), hash_inputs=bool(cfg.hash_inputs),
+                                      on_tensor=lease.heartbeat)
     (run_dir / "merge_manifest.json").write_text(json.dumps(manifest, indent=2))
     checkpoints.write_atomic(root / "latest", out.name)
     summary = {"stage": cfg.stage.name, "alpha": manifest["alpha"], "n_params": manifest["n_params"],
                "output": str(out), "seconds": manifest["seconds"], "finished": True}
     checkpoints.write_atomic(run_dir / "DONE.json", json.dumps(summary))
+    lease.release()
     return summary
 
 

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 import data
-from kit import checkpoints, config_checks, context_parallel, training
+from kit import checkpoints, config_checks, context_parallel, run_lease, training
 
 
 def run(cfg: DictConfig) -> dict:
@@ -28,6 +28,7 @@ def run(cfg: DictConfig) -> dict:
     config_checks.validate(cfg, world)
     stage, budget, optim = cfg.stage, config_checks.budget(cfg), cfg.optim
     run_dir = Path(cfg.run_dir)
+    lease = run_lease.take(run_dir, cfg.lease, stage.name)  # one writer per run folder, before any read or write
     training.save_resolved_config(cfg, run_dir, rank)
     torch.set_num_threads(max(1, cfg.hardware.cpus_per_task))
 
@@ -49,9 +50,10 @@ def run(cfg: DictConfig) -> dict:
     # ---- resume, or start from the previous stage ----------------------------------------
     state = {"step": 0, "samples": 0, "tokens": 0, "loss": float("nan")}
     layout = checkpoints.layout_of(cfg, world)  # recorded in checkpoints; a resume reports changes
-    latest = checkpoints.latest_checkpoint(run_dir)
+    # the newest intact checkpoint: weights, optimizer, loader position and schedules all from it
+    latest, saved = checkpoints.resume(run_dir, parts, opts, stage.name, cfg.checkpoint.checksum)
     if latest is not None:
-        state = checkpoints.load_checkpoint(latest, parts, opts)
+        state = saved
         loader.load_state_dict(state["loader"])
         if rank == 0:
             print(f"[{stage.name}] resumed from {latest} at step {state['step']}", flush=True)
@@ -128,12 +130,16 @@ def run(cfg: DictConfig) -> dict:
         if finished or state["step"] % cfg.checkpoint.every_steps == 0:
             state["loader"], state["layout"] = loader.state_dict(), layout
             checkpoints.check_embedding_copy(pipe, stage.name)
-            checkpoints.save_checkpoint(run_dir, state["step"], parts, opts, state, cfg.checkpoint.keep_last)
+            checkpoints.save_checkpoint(run_dir, state["step"], parts, opts, state, cfg.checkpoint.keep_last,
+                                        cfg.checkpoint.checksum)
+        lease.heartbeat()
 
     log.close()
     summary = {"stage": stage.name, "step": state["step"], "tokens": state["tokens"],
                "final_loss": loss_val, "run_dir": str(run_dir), "finished": state["tokens"] >= budget.tokens}
-    return training.finish_stage(run_dir, summary)
+    summary = training.finish_stage(run_dir, summary)
+    lease.release()
+    return summary
 
 
 @hydra.main(config_path="../conf", config_name="pretrain", version_base="1.3")

@@ -25,14 +25,7 @@ from omegaconf import DictConfig
 
 import rl
 import tokenizer as tokmod
-from kit import (
-    chat_data,
-    checkpoints,
-    config_checks,
-    kv_decoding,
-    training,
-    vllm_engine,
-)
+from kit import chat_data, checkpoints, config_checks, kv_decoding, run_lease, training, vllm_engine
 
 
 def token_logprobs(net, seqs: list[list[int]], pad_id: int) -> torch.Tensor:
@@ -152,6 +145,7 @@ def run(cfg: DictConfig) -> dict:
     config_checks.validate(cfg, world)
     stage, budget, optim, rl_cfg = cfg.stage, config_checks.budget(cfg), cfg.optim, cfg.stage.rl
     run_dir = Path(cfg.run_dir)
+    lease = run_lease.take(run_dir, cfg.lease, stage.name)  # one writer per run folder, before any read or write
     training.save_resolved_config(cfg, run_dir, rank)
     torch.set_num_threads(max(1, cfg.hardware.cpus_per_task))
     reward_cfg = rl.RewardConfig(correct=stage.reward.correct, incorrect=stage.reward.incorrect,
@@ -175,9 +169,9 @@ def run(cfg: DictConfig) -> dict:
 
     # ---- resume, or start from the previous stage ----------------------------------------
     state = {"step": 0, "cursor": 0}
-    latest = checkpoints.latest_checkpoint(run_dir)
+    latest, saved = checkpoints.resume(run_dir, net, opt, stage.name, cfg.checkpoint.checksum)
     if latest is not None:
-        state = checkpoints.load_checkpoint(latest, net, opt)
+        state = saved
     else:
         checkpoints.load_model_weights(checkpoints.resolve_init(cfg), net)
     if rank == 0:
@@ -248,12 +242,16 @@ def run(cfg: DictConfig) -> dict:
         # ---- checkpoint ------------------------------------------------------------------
         finished = state["step"] >= budget.steps
         if finished or state["step"] % cfg.checkpoint.every_steps == 0:
-            checkpoints.save_checkpoint(run_dir, state["step"], net, opt, state, cfg.checkpoint.keep_last)
+            checkpoints.save_checkpoint(run_dir, state["step"], net, opt, state, cfg.checkpoint.keep_last,
+                                        cfg.checkpoint.checksum)
+        lease.heartbeat()
 
     log.close()
     rollouts.close()
     summary = {"stage": stage.name, "step": state["step"], "run_dir": str(run_dir), "finished": state["step"] >= budget.steps}
-    return training.finish_stage(run_dir, summary)
+    summary = training.finish_stage(run_dir, summary)
+    lease.release()
+    return summary
 
 
 @hydra.main(config_path="../conf", config_name="rl_train", version_base="1.3")

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 import data
 import tokenizer as tokmod
-from kit import chat_data, checkpoints, config_checks, training
+from kit import chat_data, checkpoints, config_checks, run_lease, training
 
 IGNORE = chat_data.IGNORE_INDEX
 
@@ -82,6 +82,7 @@ def run(cfg: DictConfig) -> dict:
     config_checks.validate(cfg, world)
     stage, budget, optim = cfg.stage, config_checks.budget(cfg), cfg.optim
     run_dir = Path(cfg.run_dir)
+    lease = run_lease.take(run_dir, cfg.lease, stage.name)  # one writer per run folder, before any read or write
     training.save_resolved_config(cfg, run_dir, rank)
     torch.set_num_threads(max(1, cfg.hardware.cpus_per_task))
 
@@ -102,9 +103,9 @@ def run(cfg: DictConfig) -> dict:
 
     # ---- resume, or start from the previous stage ----------------------------------------
     state = {"step": 0, "tokens": 0}
-    latest = checkpoints.latest_checkpoint(run_dir)
+    latest, saved = checkpoints.resume(run_dir, parts, opts, stage.name, cfg.checkpoint.checksum)
     if latest is not None:
-        state = checkpoints.load_checkpoint(latest, parts, opts)
+        state = saved
         if rank == 0:
             print(f"[{stage.name}] resumed from {latest} at step {state['step']}", flush=True)
     else:
@@ -165,12 +166,16 @@ def run(cfg: DictConfig) -> dict:
         finished = state["step"] >= total_steps
         if finished or state["step"] % cfg.checkpoint.every_steps == 0:
             checkpoints.check_embedding_copy(pipe, stage.name)
-            checkpoints.save_checkpoint(run_dir, state["step"], parts, opts, state, cfg.checkpoint.keep_last)
+            checkpoints.save_checkpoint(run_dir, state["step"], parts, opts, state, cfg.checkpoint.keep_last,
+                                        cfg.checkpoint.checksum)
+        lease.heartbeat()
 
     log.close()
     summary = {"stage": stage.name, "step": state["step"], "total_steps": total_steps, "final_loss": loss_val,
                "run_dir": str(run_dir), "data": data_report, "finished": state["step"] >= total_steps}
-    return training.finish_stage(run_dir, summary)
+    summary = training.finish_stage(run_dir, summary)
+    lease.release()
+    return summary
 
 
 @hydra.main(config_path="../conf", config_name="sft", version_base="1.3")
