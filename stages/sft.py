@@ -137,7 +137,7 @@ def run(cfg: DictConfig) -> dict:
         idx = perm[k * batch:(k + 1) * batch][dp_rank::dp_size]
         batch_t = {key: v[idx] for key, v in rows.items()}
         targets = training.loss_labels(batch_t["labels"], batch_t["positions"], cfg.model.num_mtp_layers)
-        n_targets = training.global_target_counts(targets, loss_group)
+        n_targets = training.global_target_counts(targets, loss_group, device)
         sums = training.train_step(parts, pipe, batch_t, targets, n_targets, micro=micro,
                                    mtp_scale=stage.mtp_scale, dp_size=dp_size, device=device)
         grad_norm, router = training.optimizer_step(parts, pipe, opts, o.grad_clip, pdims, loss_group)
