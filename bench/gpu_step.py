@@ -266,16 +266,21 @@ def kit_block(m, hw, fp8: bool, recompute: str, device: torch.device):
     import model as axk1
     from kit import memory_features, training
 
-    net = axk1.build_model_config(m, attention=hw.attention, expert_gemm_dtype=hw.expert_gemm_dtype,
-                                  expert_fuse_gate_up=hw.expert_fuse_gate_up, bias_update_rate=0.0).build()
-    if fp8:
-        net = training.float8_converter(hw).build().convert(net)
+    if hw.attention == "flex":
+        import kernels
+        kernels.set_flex_compile(hw.flex_compile)
+    tree = axk1.build_model_config(m, attention=hw.attention, expert_gemm_dtype=hw.expert_gemm_dtype,
+                                   expert_fuse_gate_up=hw.expert_fuse_gate_up, bias_update_rate=0.0)
+    if fp8:  # as training.build_model_parts: torchtitan's converter swaps the Linear configs
+        tree = training.float8_converter(hw).build().convert(tree)
+    with torch.device(device):
+        net = tree.build()
     if recompute != "none":
         memory_features.activation_checkpoint_config(recompute).build().apply(net)
-    net.to(device)
     with torch.no_grad():
         net.init_states(buffer_device=device)
-    net.to(getattr(torch, hw.param_dtype))
+        for param in net.parameters():  # parameters in the compute dtype (FSDP's param_dtype); RoPE stays complex
+            param.data = param.data.to(getattr(torch, hw.param_dtype))
     block = net.layers["0"]
     return block, lambda x, pos: block(x, net.get_attention_masks(pos), pos)
 
@@ -358,11 +363,14 @@ def main(argv=None) -> dict:
                     if build == "kit" and missing:
                         result[key] = f"kit not runnable on torch {torch.__version__}: lacks {', '.join(missing)}"
                         continue
-                    result[key] = block_figures(build, m, seq, micro, hw, fp8, recompute, device, args)
+                    try:  # one variant failing on a GPU must not lose the others' figures
+                        result[key] = block_figures(build, m, seq, micro, hw, fp8, recompute, device, args)
+                    except Exception as e:  # noqa: BLE001  (reported in the JSON line)
+                        result[key] = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-        headline = result.get("kit_bf16_none") if isinstance(result.get("kit_bf16_none"), dict) else result["ceiling_bf16_none"]
-        result.update({k: headline[k] for k in ("tokens_per_s", "tflops", "mfu", "peak_mem_bytes", "predicted_mem_bytes")})
+        headline = next((result[k] for k in ("kit_bf16_none", "ceiling_bf16_none") if isinstance(result[k], dict)), {})
+        result.update({k: headline.get(k) for k in ("tokens_per_s", "tflops", "mfu", "peak_mem_bytes", "predicted_mem_bytes")})
     print(json.dumps(result), flush=True)
     return result
 
