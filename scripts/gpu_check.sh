@@ -49,16 +49,15 @@ for stage in data.STAGES:  # random documents of 16-255 tokens, each ending in e
     args=(stage=pretrain_s1 model=tiny optim=adamw_tiny parallelism=none hardware=h200_node hardware.nodes=1
           hardware.gpus_per_node=1 hardware.procs_per_node=1 hardware.float8=$fp8 hardware.flex_compile=default
           data.root="$OUT/data" run_dir="$run" checkpoint.every_steps=$KILL_AT max_steps=$STEPS)
-    # its own process group, so that the kill reaches torchrun's worker too
-    setsid "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 stages/pretrain.py "${args[@]}" \
-      > "$run.first.log" 2>&1 &
+    "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 stages/pretrain.py "${args[@]}" > "$run.first.log" 2>&1 &
     pid=$!
-    for _ in $(seq 600); do  # kill -9 once the step-10 checkpoint is complete (latest points at it)
+    for _ in $(seq 1500); do  # (5 min at most) kill -9 once the step-10 checkpoint is complete (latest points at it)
       [ -f "$run/checkpoints/latest" ] && break
       kill -0 $pid 2>/dev/null || break
       sleep 0.2
     done
-    kill -9 -- -$pid 2>/dev/null; wait $pid 2>/dev/null
+    # the worker first (torchrun starts it in a session of its own), then torchrun
+    pkill -9 -P $pid 2>/dev/null; kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null
     "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 stages/pretrain.py "${args[@]}" max_steps=$((STEPS - KILL_AT)) \
       > "$run.resume.log" 2>&1
     rc=$?

@@ -40,13 +40,13 @@ class Misplaced(RuntimeError):
     pass
 
 
-def caller() -> str:
-    """The innermost frame of this repository's code (not torch's, not this file's)."""
-    for frame in reversed(traceback.extract_stack()):
-        path = Path(frame.filename)
-        if ROOT in path.parents and ".venv" not in path.parts and path.name != Path(__file__).name:
-            return f"{path.relative_to(ROOT)}:{frame.lineno} {frame.name}: {frame.line}"
-    return "?"
+def caller(depth: int = 2) -> str:
+    """The `depth` innermost frames of this repository's code (not torch's, not this file's),
+    innermost first."""
+    frames = [f for f in reversed(traceback.extract_stack()) if ROOT in Path(f.filename).parents
+              and ".venv" not in Path(f.filename).parts and Path(f.filename).name != Path(__file__).name]
+    return " < ".join(f"{Path(f.filename).relative_to(ROOT)}:{f.lineno} {f.name}: {f.line}"
+                      for f in frames[:depth]) or "?"
 
 
 class DevicePolice(TorchDispatchMode):
