@@ -222,3 +222,25 @@ LIMIT    ?=
 eval-bench: setup $(if $(ENDPOINT),,serve-setup) ## 5 Checkpoints and serving|the paper's Tables 4-5 on a served model (CKPT or ENDPOINT, LIMIT OUT ARGS)
 	$(PYTHON) stages/eval_bench.py model=$(MODEL) $(if $(CKPT),ckpt=$(CKPT)) $(if $(ENDPOINT),endpoint=$(ENDPOINT)) \
 	  $(if $(LIMIT),limit=$(LIMIT)) $(if $(OUT),results_dir=$(OUT)) $(ARGS)
+
+# The prepared check of one GPU node (issue 17; README "On a GPU node"): bench/gpu_step.py's kernel and
+# full-width block figures and the tiny pre-training stage killed and resumed, one JSON line; without a
+# GPU it stops in one line. PYTHON=... runs it with another interpreter (a lent machine's own torch).
+.PHONY: gpu-check gpu-check-bundle
+gpu-check: ## 7 Checks|the prepared one-H200 check, one JSON line of figures (stops in one line without a GPU)
+	@PYTHON=$(or $(PYTHON_GPU),$(PYTHON)) bash scripts/gpu_check.sh
+
+# For a machine without a package index (at most 64 MiB carried): the pure-Python wheels the check
+# needs at the lock's pins (torchao's is an abi3 x86-64 wheel; antlr4 4.9.3 is built from its sdist;
+# wandb left out) and the kit's tracked files, in $(GPU_BUNDLE)/ (ignored by git). There:
+#   pip install --no-index --no-deps wheels/*.whl && pip install --no-deps --no-build-isolation -e kit
+#   cd kit && make gpu-check PYTHON_GPU=python3
+GPU_BUNDLE ?= gpu_bundle
+GPU_BUNDLE_PKGS := torchtitan hydra-core omegaconf antlr4-python3-runtime submitit hydra-submitit-launcher datasets fsspec
+gpu-check-bundle: setup ## 7 Checks|the wheels and kit files gpu-check needs on a machine with no package index
+	rm -rf $(GPU_BUNDLE) && mkdir -p $(GPU_BUNDLE)/wheels $(GPU_BUNDLE)/kit
+	$(BIN)/pip wheel -q --no-deps -w $(GPU_BUNDLE)/wheels $(foreach p,$(GPU_BUNDLE_PKGS),$$(grep -i '^$(p)==' requirements.lock))
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --platform manylinux2014_x86_64 --python-version 3.12 \
+	  --implementation cp -d $(GPU_BUNDLE)/wheels $$(grep -i '^torchao==' requirements.lock)
+	git ls-files -z | tar --null -cf - -T - | tar -xf - -C $(GPU_BUNDLE)/kit
+	@du -sh $(GPU_BUNDLE) && ls $(GPU_BUNDLE)/wheels

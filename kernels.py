@@ -78,6 +78,30 @@ class DocumentSDPA(Module):
         return out.transpose(1, 2)[..., :dv]
 
 
+# hardware.flex_compile -> the inductor options torchtitan's FlexAttention compiles flex_attention
+# with. torchtitan builds that compiled function once, at import, from the class attribute
+# FlexAttention.inductor_configs (max_autotune + coordinate descent: the fastest kernels, but the
+# first step autotunes for minutes); its comment recommends turning autotuning off once tuned.
+FLEX_COMPILE = {
+    "max-autotune": {"max_autotune": True, "coordinate_descent_tuning": True},  # torchtitan's own setting
+    "default": {"max_autotune": False, "coordinate_descent_tuning": False},     # inductor's defaults: seconds
+}
+
+
+def set_flex_compile(mode: str) -> None:
+    """Compile torchtitan's flex attention in `mode` (a FLEX_COMPILE key): both class attributes
+    torchtitan reads at call time are replaced (the compiled function and the options its
+    regional-inductor path uses), every other inductor option kept."""
+    if mode not in FLEX_COMPILE:
+        raise ValueError(f"hardware.flex_compile={mode!r}: expected one of {sorted(FLEX_COMPILE)}")
+    from torch.nn.attention.flex_attention import flex_attention
+
+    options = {**FlexAttention.inductor_configs, **FLEX_COMPILE[mode]}
+    if options != FlexAttention.inductor_configs:
+        FlexAttention.inductor_configs = options
+        FlexAttention._compiled_flex_attn = torch.compile(flex_attention, options=options)
+
+
 def attention_config(name: str) -> Module.Config:
     if name == "sdpa":
         return DocumentSDPA.Config()

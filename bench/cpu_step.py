@@ -79,7 +79,7 @@ def build_ours(num_mtp: int, gemm_dtype: str):
 
     def step(tokens, labels, positions):
         targets = training.loss_labels(labels, positions, num_mtp)
-        n_targets = training.count_targets(targets)
+        n_targets = training.count_targets(targets, torch.device("cpu"))
         dist.all_reduce(n_targets)
         training.set_aux_grad_scale(net, 1.0)
         preds = net(tokens, positions, net.get_attention_masks(positions))

@@ -23,9 +23,13 @@ from omegaconf import DictConfig
 import model as axk1
 
 
-def build_inference_model(model_cfg: DictConfig, device: str = "cpu") -> torch.nn.Module:
-    """A plain (not parallelized) model for decoding; weights come from `sync_weights`/`load`."""
-    net = axk1.build_model_config(model_cfg, attention="sdpa", expert_gemm_dtype="float32", expert_fuse_gate_up=True,
+def build_inference_model(model_cfg: DictConfig, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A plain (not parallelized) model for decoding on `device` (RL and evaluation pass the
+    trainer's, training.device_of); weights come from `sync_weights`/`load`."""
+    # routed-expert GEMMs: fp32 on a CPU (kernels.GroupedExpertsMM: bf16 is slow there); elsewhere
+    # bf16, the one dtype CUDA's torch._grouped_mm takes (its meta kernel checks the same)
+    gemm_dtype = "float32" if torch.device(device).type == "cpu" else "bfloat16"
+    net = axk1.build_model_config(model_cfg, attention="sdpa", expert_gemm_dtype=gemm_dtype, expert_fuse_gate_up=True,
                                   bias_update_rate=0.0).build()
     net.to(device)
     with torch.no_grad():
@@ -163,7 +167,7 @@ class LocalRollouts:
     copy of the policy, refreshed by `sync_weights`. For CPU and small models: every rank holds the
     whole model, which a 519B policy does not fit (use `vllm`: vllm_engine.VLLMRollouts)."""
 
-    def __init__(self, model_cfg: DictConfig, pad_id: int, device: str = "cpu"):
+    def __init__(self, model_cfg: DictConfig, pad_id: int, device: str | torch.device = "cpu"):
         self.net, self.pad_id = build_inference_model(model_cfg, device), pad_id
 
     def load(self, net: torch.nn.Module) -> None:
@@ -182,10 +186,10 @@ class LocalRollouts:
 def generate_uncached(net, prompt: list[int], *, max_new_tokens: int, eos_id: int) -> list[int]:
     """Reference greedy decode: the full model forward over the whole sequence at every step."""
     net.eval()
-    seq = list(prompt)
+    seq, device = list(prompt), net.tok_embeddings.weight.device
     for _ in range(max_new_tokens):
-        ids = torch.tensor([seq])
-        pos = torch.arange(len(seq))[None]
+        ids = torch.tensor([seq], device=device)
+        pos = torch.arange(len(seq), device=device)[None]
         logits = net(ids, pos, net.get_attention_masks(pos))
         logits = logits[0] if isinstance(logits, list) else logits
         seq.append(int(logits[0, -1].argmax()))

@@ -188,14 +188,15 @@ def build_pipeline(net, spec, cfg: DictConfig, parallel_dims, parallelism, train
     stages = list(schedule._stages) if isinstance(schedule, PipelineScheduleMulti) else [schedule._stage]
     for part, stage in zip(parts, stages):
         part.pipeline_first = stage.is_first
-    return parts, Pipeline(parts, stages, p.pp_schedule, parallel_dims, mtp=m.num_mtp_layers > 0)
+    return parts, Pipeline(parts, stages, p.pp_schedule, parallel_dims, mtp=m.num_mtp_layers > 0, device=device)
 
 
 class Pipeline:
     """This rank's stages and one optimizer step's worth of schedule.step()."""
 
-    def __init__(self, parts, stages, schedule: str, parallel_dims, *, mtp: bool):
+    def __init__(self, parts, stages, schedule: str, parallel_dims, *, mtp: bool, device: torch.device):
         self.parts, self.stages, self.parallel_dims = parts, stages, parallel_dims
+        self.device = device  # the model's: every tensor this class all-reduces lives there
         self.schedule_cls = get_schedule_class(schedule)
         self.has_first = any(s.is_first for s in stages)
         self.has_last = any(s.is_last for s in stages)
@@ -263,8 +264,8 @@ class Pipeline:
         target = torch.stack(targets, dim=1).to(device) if self.has_last else None
         schedule.step(*args, target=target, return_outputs=False, **kwargs)
         self.sync_embedding_grads()
-        ce = torch.stack(self._records).sum(0) if self._records else torch.zeros(2)
-        return torch.cat([ce.cpu(), torch.tensor([self._aux])])
+        ce = torch.stack(self._records).sum(0).float() if self._records else torch.zeros(2, device=device)
+        return torch.cat([ce, torch.tensor([self._aux], device=device)])
 
     # -- the MTP embedding copy -------------------------------------------------------------
     def sync_embedding_grads(self) -> None:
@@ -281,12 +282,12 @@ class Pipeline:
     def embedding_drift(self) -> float:
         """Largest |last stage's copy - first stage's embedding| over all pipelines (0.0 when the
         copies are in sync; a collective on every rank)."""
-        drift = torch.zeros(())
+        drift = torch.zeros((), device=self.device)
         if self.shared_embedding is not None:
             mine = _local(self.shared_embedding).detach()
             theirs = mine.clone()
             dist.broadcast(theirs, src=self.first_rank, group=self.emb_group)
-            drift = (theirs - mine).abs().max().float().cpu()
+            drift = (theirs - mine).abs().max().float()
         dist.all_reduce(drift, op=dist.ReduceOp.MAX)
         return float(drift)
 

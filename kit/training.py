@@ -7,6 +7,7 @@ stage it serves.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import socket
@@ -63,12 +64,23 @@ def init_distributed(hw: DictConfig) -> tuple[int, int]:
                               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         if hw.device == "cuda":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group(hw.backend)
+        dist.init_process_group(process_group_backend(hw),
+                                timeout=datetime.timedelta(seconds=hw.collective_timeout_s))
     return dist.get_rank(), dist.get_world_size()
 
 
+def process_group_backend(hw: DictConfig) -> str:
+    """The default group's backend per device type. On GPUs the model's collectives run on the
+    accelerator backend (NCCL: GPU tensors only) and the CPU-side ones (object lists, DCP's
+    metadata exchange) on gloo in the same group: torch routes each call by its tensors' device."""
+    return hw.backend if hw.device == "cpu" else f"cpu:gloo,{hw.device}:{hw.backend}"
+
+
 def device_of(hw: DictConfig) -> torch.device:
-    return torch.device(hw.device, int(os.environ.get("LOCAL_RANK", 0))) if hw.device == "cuda" else torch.device("cpu")
+    """The device this rank's model lives on (`hw`: a hardware config, or any config with a
+    `device` field, as conf/evaluate.yaml): every tensor that meets the model or enters one of
+    its collectives is put there (tests/test_device_placement.py checks it)."""
+    return torch.device(hw.device, int(os.environ.get("LOCAL_RANK", 0))) if hw.device == "cuda" else torch.device(hw.device)
 
 
 # ----------------------------------------------------------------------------------------
@@ -103,6 +115,8 @@ def build_model_parts(cfg: DictConfig, world_size: int, *, bias_update_rate: flo
     if not meta:
         kernels.check_moe_comm_backend(p.moe_comm_backend)
         kernels.check_float8(hw.float8, hw.device)
+    if hw.attention == "flex":
+        kernels.set_flex_compile(hw.flex_compile)
     spec = axk1.model_registry(cfg.model, attention=hw.attention, moe_comm_backend=p.moe_comm_backend,
                                expert_gemm_dtype=hw.expert_gemm_dtype, expert_fuse_gate_up=hw.expert_fuse_gate_up,
                                bias_update_rate=bias_update_rate, ce_chunk_tokens=p.get("ce_chunk_tokens", 0))
@@ -199,10 +213,11 @@ def loss_labels(labels: torch.Tensor, positions: torch.Tensor, num_mtp: int) -> 
                        for k in range(1, num_mtp + 1)]
 
 
-def count_targets(targets: list[torch.Tensor]) -> torch.Tensor:
-    """Valid targets per head: [main, mtp (all depths)]."""
+def count_targets(targets: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Valid targets per head: [main, mtp (all depths)], on `device` (the model's: the count is
+    all-reduced, and NCCL takes GPU tensors only)."""
     n_mtp = sum(int((t != IGNORE_INDEX).sum()) for t in targets[1:])
-    return torch.tensor([float((targets[0] != IGNORE_INDEX).sum()), float(n_mtp)])
+    return torch.tensor([float((targets[0] != IGNORE_INDEX).sum()), float(n_mtp)], device=device)
 
 
 def ce_sums(preds, targets: list[torch.Tensor], head: torch.nn.Module | None = None) -> list[torch.Tensor]:
@@ -252,7 +267,8 @@ def train_step(parts: list[torch.nn.Module], pipe, batch: dict, targets: list[to
                                                                           if len(ce) > 1 else ce[0].new_zeros(())])
             sums = pipe.step(batch, targets, loss_fn, n_micro=n_micro, device=device)
         else:
-            net, sums = parts[0], torch.zeros(3)
+            # the sums stay on the device (no host sync per micro-batch) and are all-reduced there
+            net, sums = parts[0], torch.zeros(3, device=device)
             for i in range(n_micro):
                 rows = slice(i * micro, (i + 1) * micro)
                 tokens, positions = batch["input_ids"][rows].to(device), batch["positions"][rows].to(device)
@@ -260,8 +276,8 @@ def train_step(parts: list[torch.nn.Module], pipe, batch: dict, targets: list[to
                 preds = net(tokens, positions, masks)
                 ce = ce_sums(preds, [t[rows].to(device) for t in targets], head=loss_head)
                 step_loss(ce, n_targets, mtp_scale).backward()
-                sums += torch.tensor([ce[0].item(), sum(c.item() for c in ce[1:]),
-                                      aux_loss_value(net) / n_micro])
+                mtp_ce = sum(c.detach() for c in ce[1:]) if len(ce) > 1 else ce[0].new_zeros(())
+                sums += torch.stack([ce[0].detach().float(), mtp_ce.float(), aux_loss_tensor(net, device) / n_micro])
     # Every rank holds a share: its data rows (dp), its sequence chunk (cp), its stages' MoE aux
     # and, on the last stage only, the CE (pp). tp is always 1 (config_checks.errors), so the world
     # group is exactly dp x cp x pp.
@@ -269,10 +285,10 @@ def train_step(parts: list[torch.nn.Module], pipe, batch: dict, targets: list[to
     return sums
 
 
-def global_target_counts(targets: list[torch.Tensor], loss_group) -> torch.Tensor:
+def global_target_counts(targets: list[torch.Tensor], loss_group, device: torch.device) -> torch.Tensor:
     """Valid targets per head summed over the data x context ranks (the loss normaliser; None: one
-    data rank, and pipeline stages share targets)."""
-    n_targets = count_targets(targets)
+    data rank, and pipeline stages share targets), on the model's device."""
+    n_targets = count_targets(targets, device)
     if loss_group is not None:
         dist.all_reduce(n_targets, group=loss_group)
     return n_targets
@@ -328,6 +344,12 @@ def set_aux_token_mask(net: torch.nn.Module, valid: torch.Tensor | None) -> None
 def aux_loss_value(net: torch.nn.Module) -> float:
     vals = [m.last_aux_loss for m in axk1.moe_layers(net) if m.last_aux_loss is not None]
     return float(sum(vals)) if vals else 0.0
+
+
+def aux_loss_tensor(net: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    """aux_loss_value without the host sync: a 0-dim float tensor on `device`."""
+    vals = [m.last_aux_loss.detach().float() for m in axk1.moe_layers(net) if m.last_aux_loss is not None]
+    return sum(vals) if vals else torch.zeros((), device=device)
 
 
 def expert_load_imbalance(net, group=None) -> float:

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import rl
 import tokenizer as tokmod
-from kit import chat_data, checkpoints, kv_decoding, preflight
+from kit import chat_data, checkpoints, kv_decoding, preflight, training
 from kit.openai_client import Endpoint, EndpointError
 from kit.progress_bar import progress
 
@@ -79,8 +79,10 @@ def heldout_nll(net, tok, records: list[dict], mode: str) -> float:
         if isinstance(net, Endpoint):  # the server's log p(ids[i] | ids[:i]) (echo + logprobs)
             total -= float(torch.tensor(net.prompt_logprobs(ids))[keep].sum())
         else:
-            x = torch.tensor([ids[:-1]])
-            pos = torch.arange(x.shape[1])[None]
+            device = net.tok_embeddings.weight.device
+            y, keep = y.to(device), keep.to(device)
+            x = torch.tensor([ids[:-1]], device=device)
+            pos = torch.arange(x.shape[1], device=device)[None]
             logits = net(x, pos, net.get_attention_masks(pos))
             logits = logits[0] if isinstance(logits, list) else logits
             total += float(torch.nn.functional.cross_entropy(logits[0][keep].float(), y[keep], reduction="sum"))
@@ -170,7 +172,7 @@ def run(cfg: DictConfig) -> dict:
     torch.set_num_threads(cfg.num_threads or len(os.sched_getaffinity(0)))
     tok = tokmod.load_tokenizer(cfg.tokenizer_dir)
     records, report = chat_data.load_posttrain(cfg.posttrain_data, "eval")
-    net = kv_decoding.build_inference_model(cfg.model)
+    net = kv_decoding.build_inference_model(cfg.model, training.device_of(cfg))  # evaluate.yaml `device`
     out_dir = Path(cfg.run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, all_samples = {}, []

@@ -86,7 +86,7 @@ def run(cfg: DictConfig) -> dict:
         targets = training.loss_labels(batch["labels"], batch["positions"], cfg.model.num_mtp_layers)
         if cp_sharder is not None:  # this rank's head-tail chunks of every row; targets were built on full rows
             batch, targets = cp_sharder.shard(batch, targets, cfg.model.num_mtp_layers)
-        n_targets = training.global_target_counts(targets, loss_group)
+        n_targets = training.global_target_counts(targets, loss_group, device)
         sums = training.train_step(parts, pipe, batch, targets, n_targets, micro=micro, cp=cp_sharder,
                                    mtp_scale=stage.mtp_scale, dp_size=dp_size, device=device)
         grad_norm, router = training.optimizer_step(parts, pipe, opts, optim.grad_clip, parallel_dims, loss_group)

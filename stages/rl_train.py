@@ -31,7 +31,8 @@ from kit import chat_data, checkpoints, config_checks, kv_decoding, run_lease, t
 def token_logprobs(net, seqs: list[list[int]], pad_id: int) -> torch.Tensor:
     """[B, T-1] log-prob of each next token under `net` (right-padded; pad rows are their own
     document via positions restarting at 0, so they never mix with real tokens, and the MoE
-    balance loss counts real tokens only, as SFT's packed rows do)."""
+    balance loss counts real tokens only, as SFT's packed rows do). Built on the host, used on the
+    model's device."""
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     pos = torch.zeros(len(seqs), T, dtype=torch.long)
@@ -41,6 +42,8 @@ def token_logprobs(net, seqs: list[list[int]], pad_id: int) -> torch.Tensor:
         pos[i, :len(s)] = torch.arange(len(s))
         pos[i, len(s):] = torch.arange(T - len(s))
         valid[i, :len(s)] = True
+    device = net.tok_embeddings.weight.device
+    ids, pos, valid = ids.to(device), pos.to(device), valid.to(device)
     training.set_aux_token_mask(net, valid)
     logits = net(ids, pos, net.get_attention_masks(pos))
     training.set_aux_token_mask(net, None)
@@ -60,6 +63,8 @@ def policy_step(net, opt, seqs, mask, old, adv, rl_cfg: DictConfig, grad_clip: f
     # one forward per step on each rank: the balance loss's share is 1/dp like the GSPO loss's
     training.set_aux_grad_scale(net, 1.0 / dp_size)
     new = token_logprobs(net, seqs, pad_id)
+    # the rollout-side tensors (reward advantages, response masks) meet the model's log-probs here
+    old, mask, adv = (tensor.to(new.device) for tensor in (old, mask, adv))
     loss, loss_stats = rl.gspo_loss(new, old, mask, adv, rl_cfg.eps_low, rl_cfg.eps_high, rl_cfg.aggregation)
     (loss / dp_size).backward()
     grad_norm = training.clip_grad_norm([net], None, grad_clip, parallel_dims)  # EP-aware (two meshes under FSDP x EP)
@@ -157,7 +162,7 @@ def run(cfg: DictConfig) -> dict:
     opt = training.build_optimizer(net, optim, spec, parallel_dims)
     tok = tokmod.load_tokenizer(cfg.tokenizer_dir)
     rollouts = (vllm_engine.VLLMRollouts(cfg, run_dir / "rollout_engine", rank) if rl_cfg.rollout_backend == "vllm"
-                else kv_decoding.LocalRollouts(cfg.model, tok.pad_token_id))
+                else kv_decoding.LocalRollouts(cfg.model, tok.pad_token_id, training.device_of(cfg.hardware)))
 
     # ---- data: prompts x each become x + <think> and x + </think> (paper 4.4) -------------
     records, report = chat_data.load_posttrain(cfg.posttrain_data, stage.dataset)

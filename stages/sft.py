@@ -137,7 +137,7 @@ def run(cfg: DictConfig) -> dict:
         row_ids = order[step_in_epoch * batch_rows:(step_in_epoch + 1) * batch_rows][dp_rank::dp_size]
         batch = {key: value[row_ids] for key, value in rows.items()}
         targets = training.loss_labels(batch["labels"], batch["positions"], cfg.model.num_mtp_layers)
-        n_targets = training.global_target_counts(targets, loss_group)
+        n_targets = training.global_target_counts(targets, loss_group, device)
         sums = training.train_step(parts, pipe, batch, targets, n_targets, micro=micro,
                                    mtp_scale=stage.mtp_scale, dp_size=dp_size, device=device)
         grad_norm, router = training.optimizer_step(parts, pipe, opts, optim.grad_clip, parallel_dims, loss_group)

@@ -31,7 +31,7 @@ def step() -> None:
     positions = torch.arange(32).repeat(4, 1)
     batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "positions": positions}
     targets = training.loss_labels(batch["labels"], positions, cfg.model.num_mtp_layers)
-    training.train_step(parts, pipe, batch, targets, training.count_targets(targets), micro=2,
+    training.train_step(parts, pipe, batch, targets, training.count_targets(targets, torch.device("cpu")), micro=2,
                         mtp_scale=0.3, dp_size=1, device=torch.device("cpu"))
     training.clip_grad_norm(parts, pipe, cfg.optim.grad_clip, pdims)
     for opt in opts:

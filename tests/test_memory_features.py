@@ -191,7 +191,7 @@ def tiny_fsdp(moment_dtype: str, run_dir: Path):
 def step_loss(cfg, net):
     """Forward + backward through training.train_step on one fixed batch (the run memorises it)."""
     tokens, positions, targets = batch(cfg)
-    n = training.count_targets(targets)
+    n = training.count_targets(targets, torch.device("cpu"))
     sums = training.train_step([net], None, {"input_ids": tokens, "positions": positions}, targets, n,
                                micro=B, mtp_scale=0.3, dp_size=1, device=torch.device("cpu"))
     return (sums[0] / n[0] + 0.3 * sums[1] / n[1]).item()
