@@ -80,6 +80,15 @@ def test_export_and_import_carry_tokenizer_a(released):
     assert exported["tokenizer_sha256"] == hash_a  # export used A although tokenizer_dir was B
     assert checkpoint_tokenizer.tokenizer_hash(tmp / "hf") == hash_a
     assert "enable_thinking" in json.loads((tmp / "hf" / "tokenizer_config.json").read_text())["chat_template"]
+    # what vLLM serves with: the exported folder's template in transformers renders tool calls as the kit does
+    from transformers import AutoTokenizer
+    from test_tool_calls import tool_chat
+
+    rec = tool_chat()
+    served = AutoTokenizer.from_pretrained(str(tmp / "hf")).apply_chat_template(rec["messages"], tools=rec["tools"],
+                                                                               tokenize=False)
+    assert served == tokmod.load_tokenizer(tok_a).apply_chat_template(rec["messages"], tools=rec["tools"], tokenize=False)
+    assert "<tool_call>" in served and "<tool_response>" in served
     assert json.loads((tmp / "imported" / "axk1_import.json").read_text())["tokenizer_sha256"] == hash_a
     assert checkpoint_tokenizer.tokenizer_of(tmp / "imported", KIT_TOK) == tmp / "imported" / "tokenizer"
 
