@@ -18,7 +18,7 @@ from kit import checkpoint_tokenizer, checkpoints, hf_io, kv_decoding
 pytestmark = pytest.mark.slow  # end to end: a short training run, an export, five 1-step SFT/eval runs
 
 KIT_TOK = ROOT / "artifacts" / "tokenizer" / "tiny"  # B: conf's tokenizer_dir, and the pre-training data's
-TRAIN_STEPS = 12  # enough to move the loss well below a random model's (25 steps measured 8.36 -> 3.23)
+TRAIN_STEPS = 12  # moves the loss well below a random model's (measured: 5.50 vs 8.36 at the first SFT step)
 
 
 def permuted_copy(src, dest):
@@ -98,7 +98,7 @@ def test_sft_from_the_import_starts_at_the_exported_models_loss(released, monkey
     monkeypatch.chdir(ROOT)
     # the exported model's loss on this data: its own fp32 checkpoint, encoded with A
     sft.run(sft_cfg(tmp, "ref", trained, tok_a, 1))
-    sft.run(sft_cfg(tmp, "from_import", tmp / "imported", KIT_TOK, 1))  # B configured: A must win
+    summary = sft.run(sft_cfg(tmp, "from_import", tmp / "imported", KIT_TOK, 1))  # B configured: A must win
     sft.run(sft_cfg(tmp, "from_random", tmp / "random", KIT_TOK, 1))
     ref, imported, random = (first_loss(tmp / n) for n in ("ref", "from_import", "from_random"))
     # the old behaviour: the import without its tokenizer is encoded with the configured B
@@ -113,11 +113,9 @@ def test_sft_from_the_import_starts_at_the_exported_models_loss(released, monkey
           f"random model {random:.4f}, import encoded with B {misnumbered:.4f}")
     assert abs(imported - ref) / ref < 0.01
     assert random > 1.2 * ref and misnumbered > 1.2 * ref
-    done = json.loads((tmp / "from_import" / "DONE.json").read_text()) if (tmp / "from_import" / "DONE.json").exists() \
-        else None
-    assert checkpoint_tokenizer.tokenizer_hash(tmp / "from_import" / "tokenizer") == \
-        checkpoint_tokenizer.tokenizer_hash(tok_a)  # its checkpoints carry A onward (merge, RL, export)
-    assert done is None or done["tokenizer_sha256"] == checkpoint_tokenizer.tokenizer_hash(tok_a)
+    hash_a = checkpoint_tokenizer.tokenizer_hash(tok_a)
+    assert summary["tokenizer_sha256"] == hash_a  # what DONE.json records when the stage finishes
+    assert checkpoint_tokenizer.tokenizer_hash(tmp / "from_import" / "tokenizer") == hash_a  # carried onward
 
 
 def test_evaluation_encodes_with_the_checkpoints_tokenizer(released, monkeypatch):
