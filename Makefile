@@ -95,6 +95,12 @@ pretrain: setup $(if $(filter tiny,$(MODEL)),artifacts/data/tiny/pretrain_s3/man
 post: setup ## 4 Post-training (paper 4)|instruct + reasoning SFT -> merge -> MOD SFT -> RL -> evaluate (MODEL LAUNCHER WAIT ARGS)
 	@$(PYTHON) launcher.py chain post launcher=$(LAUNCHER) model=$(MODEL) $(ARGS) $(if $(WAIT),--wait)
 
+# The Mode-Overlap Dataset (paper 4.3) from the two SFT sets + checkpoints; then
+# `python stages/sft.py stage=mod_sft posttrain_data.mod_file=runs/$(MODEL)/mod_data/mod.jsonl`.
+.PHONY: mod-data
+mod-data: setup ## 4 Post-training (paper 4)|MOD pairs: join both SFT sets by prompt, fill a missing mode with its SFT model (MODEL ARGS)
+	$(PYTHON) stages/mod_data.py model=$(MODEL) $(ARGS)
+
 # Each stage under runs/: DONE, RUNNING/PENDING (Slurm job), FAILED, CANCELLED, latest checkpoint.
 status: setup ## 6 Watching runs|every stage's state under runs/
 	@$(PYTHON) launcher.py status --runs runs

@@ -22,6 +22,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from kit import tool_calls
+
 THINK, END_THINK = "<think>", "</think>"
 MODES = ("thinking", "non_thinking")
 CONTROL_TAG = {"thinking": THINK, "non_thinking": END_THINK}  # what the prompt ends with (paper 4.4)
@@ -237,7 +239,9 @@ def correctness(response: str, task: dict) -> float:
     if task["kind"] == "ifeval":
         cs = task["constraints"]
         return sum(check_constraint(response, c) for c in cs) / len(cs)
-    raise ValueError(f"task kind {task['kind']!r}: expected 'exact' or 'ifeval'")
+    if task["kind"] == "tool_call":
+        return tool_calls.call_correct(response, task)
+    raise ValueError(f"task kind {task['kind']!r}: expected 'exact', 'ifeval' or 'tool_call'")
 
 
 @dataclass

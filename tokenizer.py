@@ -55,13 +55,26 @@ PRETOKENIZE_PATTERN = "|".join([
 # `reasoning_content` (transformers' key for reasoning traces), else non-thinking as
 # </think>{response}. The generation prompt opens <|assistant|> followed by <think> (thinking,
 # the default) or </think> (enable_thinking=False): the two RL samples of SPEC section 4.
+# Tool use (OpenAI fields, kit/tool_calls.py): `tools` as a first system turn <tools>, one JSON
+# per line, </tools>; an assistant's calls as <tool_call>{id, name, arguments}</tool_call> after
+# its content; a `tool` message as a user turn <tool_response>{tool_call_id, content}</tool_response>.
 CHAT_TEMPLATE = (
+    "{%- if tools -%}<|system|><tools>\n"
+    "{%- for t in tools -%}{{ t | tojson }}\n{%- endfor -%}</tools><|eos|>{%- endif -%}"
     "{%- for m in messages -%}"
     "{%- if m['role'] == 'assistant' -%}"
     "<|assistant|>"
     "{%- if m.get('reasoning_content') is not none -%}<think>{{ m['reasoning_content'] }}</think>"
     "{%- else -%}</think>{%- endif -%}"
-    "{{ m['content'] }}<|eos|>"
+    "{{ m.get('content') or '' }}"
+    "{%- for c in m.get('tool_calls') or [] -%}<tool_call>{\"id\": {{ c['id'] | tojson }}, "
+    "\"name\": {{ c['function']['name'] | tojson }}, \"arguments\": "
+    "{%- if c['function']['arguments'] is string -%}{{ ' ' + c['function']['arguments'] }}"
+    "{%- else -%}{{ ' ' + (c['function']['arguments'] | tojson) }}{%- endif -%}}</tool_call>"
+    "{%- endfor -%}<|eos|>"
+    "{%- elif m['role'] == 'tool' -%}"
+    "<|user|><tool_response>{{ {'tool_call_id': m['tool_call_id'], 'content': m['content']} | tojson }}"
+    "</tool_response><|eos|>"
     "{%- else -%}"
     "<|{{ m['role'] }}|>{{ m['content'] }}<|eos|>"
     "{%- endif -%}"
@@ -145,7 +158,13 @@ def load_tokenizer(path: str | os.PathLike):
     p = Path(path)
     if not (p / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{p}/tokenizer.json not found: run `make tokenizer` first")
-    return PreTrainedTokenizerFast.from_pretrained(str(p))
+    tok = PreTrainedTokenizerFast.from_pretrained(str(p))
+    meta = p / "axk1_tokenizer_meta.json"
+    if meta.is_file() and "derived_from" not in json.loads(meta.read_text()):
+        # a kit tokenizer speaks the kit's current template (tool calls were added after some were
+        # saved); an imported one keeps its own (kit/checkpoint_tokenizer.py marks it derived_from)
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
 
 
 def load_raw_tokenizer(path: str | os.PathLike) -> Tokenizer:

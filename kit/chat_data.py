@@ -21,9 +21,10 @@ from pathlib import Path
 
 import data
 import rl
+from kit import chat_formats, tool_calls
 
 IGNORE_INDEX = -100
-_ROLES = {"system", "user", "assistant"}
+_ROLES = {"system", "user", "assistant", "tool"}
 
 # ----------------------------------------------------------------------------------------
 # Generator: arithmetic (exact answers) and IFEval-style formatting tasks, en + ko
@@ -171,7 +172,39 @@ def instruction_task(rng: random.Random, lang: str) -> dict:
             "task": {"kind": "ifeval", "constraints": cons}, "direct": text, "trace": trace, "final": text}
 
 
+_USE_TOOL = {"en": "Use the calculator to compute {e}.", "ko": "계산기를 사용해 {e}를 계산하세요."}
+_TOOL_PLAN = {"en": "The calculator computes {e}.", "ko": "계산기로 {e}를 계산합니다."}
+_TOOL_SAYS = {"en": "The calculator returned {x}.", "ko": "계산기 결과는 {x}입니다."}
+
+
+def tool_task(rng: random.Random, lang: str) -> dict:
+    """A calculator call (Table 3's Tool-use domain): the trajectory is call -> result -> answer;
+    the verifier (rl.correctness, kind tool_call) runs the model's call and checks the result."""
+    a, b, op = rng.randint(100, 999), rng.randint(10, 99), rng.choice(["*", "+", "-"])
+    expression = f"{a} {op} {b}"
+    x = tool_calls.calculator(expression)
+    return {"lang": lang, "domain": "Tool-use", "prompt": _USE_TOOL[lang].format(e=expression),
+            "task": {"kind": "tool_call", "tool": "calculator", "answer": x}, "tools": [tool_calls.CALCULATOR],
+            "expression": expression, "direct": _ANSWER[lang].format(x=x), "final": _ANSWER[lang].format(x=x),
+            "trace": _TOOL_SAYS[lang].format(x=x)}
+
+
+def _tool_turns(t: dict, mode: str, idx: str) -> list[dict]:
+    """The assistant's call, the tool's result and the final answer of a tool task."""
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"id": f"call_{idx}", "type": "function",
+         "function": {"name": "calculator", "arguments": json.dumps({"expression": t["expression"]})}}]}
+    final = {"role": "assistant", "content": t["final"]}
+    if mode == "thinking":
+        call["reasoning_content"] = _TOOL_PLAN[t["lang"]].format(e=t["expression"])
+        final["reasoning_content"] = t["trace"]
+    return [call, {"role": "tool", "tool_call_id": f"call_{idx}", "content": t["task"]["answer"]}, final]
+
+
 def _record(t: dict, mode: str, idx: str) -> dict:
+    if "tools" in t:
+        return {"id": idx, "lang": t["lang"], "domain": t["domain"], "task": t["task"], "tools": t["tools"],
+                "messages": [{"role": "user", "content": t["prompt"]}] + _tool_turns(t, mode, idx or "0")}
     asst = {"role": "assistant", "content": t["direct"] if mode == "non_thinking" else t["final"]}
     if mode == "thinking":
         asst["reasoning_content"] = t["trace"]
@@ -185,10 +218,10 @@ def is_heldout(prompt: str, every: int) -> bool:
 
 
 def generate_tasks(n: int, seed: int, mix: dict, heldout: bool, heldout_every: int = 10) -> list[dict]:
-    """n tasks drawn by `mix` = {"<domain_kind>/<lang>": weight} (kinds: arithmetic, instruction)."""
+    """n tasks drawn by `mix` = {"<domain_kind>/<lang>": weight} (kinds: arithmetic, instruction, tool)."""
     rng = random.Random(seed)
     keys, weights = list(mix), [float(v) for v in mix.values()]
-    make = {"arithmetic": arithmetic_task, "instruction": instruction_task}
+    make = {"arithmetic": arithmetic_task, "instruction": instruction_task, "tool": tool_task}
     out, seen, tries = [], set(), 0
     while len(out) < n:
         tries += 1
@@ -213,9 +246,11 @@ def build_dataset(kind: str, tasks: list[dict]) -> list[dict]:
         for m in modes:
             if m is None:
                 out.append({"id": f"{kind}-{i}", "lang": t["lang"], "domain": t["domain"], "task": t["task"],
-                            "messages": [{"role": "user", "content": t["prompt"]}]})
-                if kind == "eval":  # reference answers in both modes, for the held-out loss
-                    out[-1]["references"] = {mm: _record(t, mm, "")["messages"][-1] for mm in ("thinking", "non_thinking")}
+                            "messages": [{"role": "user", "content": t["prompt"]}],
+                            **({"tools": t["tools"]} if "tools" in t else {})})
+                if kind == "eval":  # reference answers in both modes (a tool task's: its call), for the held-out loss
+                    out[-1]["references"] = {mm: _record(t, mm, "")["messages"][1 if "tools" in t else -1]
+                                             for mm in ("thinking", "non_thinking")}
             else:
                 out.append(_record(t, m, f"{kind}-{i}-{m}"))
     return out
@@ -237,7 +272,10 @@ def check_task(task) -> str | None:
         if any(not isinstance(c, dict) or c.get("type") not in rl.CONSTRAINTS for c in cs):
             return "ifeval constraint of unknown type"
         return None
-    return "task kind not exact/ifeval"
+    if task.get("kind") == "tool_call":
+        return None if isinstance(task.get("tool"), str) and isinstance(task.get("answer"), str) \
+            else "tool_call task without tool and answer"
+    return "task kind not exact/ifeval/tool_call"
 
 
 def check_record(rec, mode: str | None) -> str | None:
@@ -251,16 +289,20 @@ def check_record(rec, mode: str | None) -> str | None:
         return "missing or empty messages"
     for m in msgs:
         if not isinstance(m, dict) or m.get("role") not in _ROLES:
-            return "message role not in system/user/assistant"
-        if not isinstance(m.get("content"), str):
+            return "message role not in system/user/assistant/tool"
+        calls = m.get("tool_calls")
+        if not isinstance(m.get("content"), str) and not (calls and m.get("content") is None):
             return "message content is not a string"
-        if "<think>" in m["content"] or "</think>" in m["content"]:
+        if "<think>" in (m.get("content") or "") or "</think>" in (m.get("content") or ""):
             return "raw think tag in content (use reasoning_content)"
         rc = m.get("reasoning_content")
         if rc is not None and (not isinstance(rc, str) or "<think>" in rc or "</think>" in rc):
             return "reasoning_content is not a string without think tags"
-        if m["role"] == "assistant" and not m["content"].strip():
+        if m["role"] == "assistant" and not calls and not m["content"].strip():
             return "empty assistant content"
+    why = tool_calls.check_tools(rec.get("tools")) or tool_calls.check_messages(msgs, rec.get("tools"))
+    if why:
+        return why
     if mode is None:
         if msgs[-1]["role"] != "user":
             return "last message is not from the user"
@@ -316,11 +358,17 @@ def read_rows(path: str | Path, stats: dict):
         raise ValueError(f"{p}: expected .jsonl, .parquet or a datasets directory")
 
 
-def read_source(path: str | Path, mode: str | None) -> tuple[list[dict], dict]:
+def read_source(path: str | Path, mode: str | None, fmt: str = "kit") -> tuple[list[dict], dict]:
     """Good records + {"bad": {reason: count}, "bad_examples": ["file:line: reason", ...]}: every
-    bad record is counted and reported by the stage, never silently dropped, never raised."""
+    bad record is counted and reported by the stage, never silently dropped, never raised.
+    `fmt`: the rows' format (kit/chat_formats.py), converted to the record schema first."""
     good, stats = [], {"bad": {}, "bad_examples": []}
-    for where, rec in read_rows(path, stats):
+    for where, row in read_rows(path, stats):
+        try:
+            rec = chat_formats.convert(fmt, row, prompt_only=mode is None)
+        except chat_formats.BadRow as e:
+            data.note_bad(stats, str(e), where)
+            continue
         why = check_record(rec, mode)
         if why:
             data.note_bad(stats, why, where)
@@ -349,29 +397,38 @@ def mix_sources(sources: dict[str, list[dict]], weights: dict[str, float], n: in
 # ----------------------------------------------------------------------------------------
 # SFT tokenisation: loss on the response only
 # ----------------------------------------------------------------------------------------
-def encode_chat(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
+def encode_chat(tok, messages: list[dict], tools: list | None = None) -> tuple[list[int], list[int]]:
     """input_ids of the whole chat and labels that are IGNORE_INDEX on every prompt token.
 
-    The prompt is everything up to and including the mode tag the template opens the last
-    assistant turn with (<think> or </think>): the user picks the mode at inference (paper 4.4),
-    so the model is trained on what follows it: reasoning, </think>, response and <|eos|>.
+    Trained: each assistant turn after the last user turn (one, or an agentic trajectory's calls
+    and final answer), from just after the mode tag the template opens it with (<think> or
+    </think>: the user picks the mode at inference, paper 4.4) through its <|eos|>: reasoning,
+    </think>, response, tool calls. Masked: everything else, tool results included.
     """
-    thinking = messages[-1].get("reasoning_content") is not None
-    full = tok.apply_chat_template(messages, tokenize=False)
-    prompt = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True,
-                                     enable_thinking=thinking)
-    if not full.startswith(prompt):
-        raise ValueError("chat template: the prompt rendering is not a prefix of the full chat")
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    full = tok.apply_chat_template(messages, tools=tools, tokenize=False)
     ids = tok(full, add_special_tokens=False)["input_ids"]
-    n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
-    if ids[:n_prompt] != tok(prompt, add_special_tokens=False)["input_ids"]:
-        raise ValueError("chat template: prompt tokens differ inside the full chat (tokenizer merges across the boundary)")
-    return ids, [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
+    labels = [IGNORE_INDEX] * len(ids)
+    for i in (i for i, m in enumerate(messages) if m["role"] == "assistant" and i > last_user):
+        thinking = messages[i].get("reasoning_content") is not None
+        spans = []
+        for text in (tok.apply_chat_template(messages[:i], tools=tools, tokenize=False, add_generation_prompt=True,
+                                             enable_thinking=thinking),
+                     tok.apply_chat_template(messages[:i + 1], tools=tools, tokenize=False)):
+            if not full.startswith(text):
+                raise ValueError("chat template: the prompt rendering is not a prefix of the full chat")
+            part = tok(text, add_special_tokens=False)["input_ids"]
+            if ids[:len(part)] != part:
+                raise ValueError("chat template: prompt tokens differ inside the full chat "
+                                 "(tokenizer merges across the boundary)")
+            spans.append(len(part))
+        labels[spans[0]:spans[1]] = ids[spans[0]:spans[1]]
+    return ids, labels
 
 
-def encode_prompt(tok, messages: list[dict], mode: str) -> list[int]:
+def encode_prompt(tok, messages: list[dict], mode: str, tools: list | None = None) -> list[int]:
     """The RL / evaluation prompt: chat + <|assistant|> + the mode's control tag (paper 4.4)."""
-    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+    text = tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True,
                                    enable_thinking=(mode == "thinking"))
     return tok(text, add_special_tokens=False)["input_ids"]
 
@@ -388,6 +445,13 @@ def load_posttrain(pd, kind: str) -> tuple[list[dict], dict]:
     {"n": ..., "bad": {source: {reason: count}}, "weights": {source: weight}}."""
     if kind not in _MODE_OF:
         raise ValueError(f"dataset kind {kind!r}: expected one of {sorted(_MODE_OF)}")
+    if kind == "mod" and pd.get("mod_file"):  # built by stages/mod_data.py (`make mod-data`)
+        if not Path(pd.mod_file).is_file():
+            raise FileNotFoundError(f"posttrain_data/{pd.name}.yaml mod_file={pd.mod_file}: not found (run `make mod-data`)")
+        recs, st = read_source(pd.mod_file, "any")
+        return recs, {"n": len(recs), "bad": {str(pd.mod_file): st["bad"]}, "bad_examples": {str(pd.mod_file):
+                                                                                           st["bad_examples"]},
+                      "weights": {str(pd.mod_file): 1.0}, "mod_file": str(pd.mod_file)}
     if pd.kind == "synthetic":
         tasks = generate_tasks(int(pd.sizes[kind]), int(pd.seed) * 100 + _SEED_OFFSET[kind], dict(pd.mix[kind]),
                                heldout=(kind == "eval"), heldout_every=int(pd.heldout_every))
@@ -402,7 +466,7 @@ def load_posttrain(pd, kind: str) -> tuple[list[dict], dict]:
     cell_count = Counter((s["lang"], s["domain"]) for s in srcs)
     for s in srcs:
         name = s.get("name", str(s["path"]))
-        recs, st = read_source(s["path"], _MODE_OF[kind])
+        recs, st = read_source(s["path"], _MODE_OF[kind], s.get("format", "kit"))
         for r in recs:
             r.setdefault("lang", s["lang"])
             r.setdefault("domain", s["domain"])

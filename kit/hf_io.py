@@ -47,7 +47,7 @@ from torchtitan.models.deepseek_v3.state_dict_adapter import DeepSeekV3StateDict
 import merge
 import model as axk1
 import tokenizer as tokmod
-from kit import checkpoints
+from kit import checkpoint_tokenizer, checkpoints
 from kit.progress_bar import progress
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -252,15 +252,17 @@ def shard_plan(plan: list[Entry], dtype: torch.dtype, max_bytes: int) -> list[li
 
 
 def _write_tokenizer(tokenizer_dir: str | Path, out: Path, meta: dict) -> None:
-    """The kit tokenizer with its chat template (thinking switch `enable_thinking`) in both places
-    transformers/vLLM look: chat_template.jinja and tokenizer_config.json's `chat_template`."""
-    tok = tokmod.load_tokenizer(tokenizer_dir)
-    tok.chat_template = tok.chat_template or tokmod.CHAT_TEMPLATE
-    tok.save_pretrained(str(out))
+    """The checkpoint's tokenizer files, byte for byte (its hash survives the export), with the
+    chat template (thinking switch `enable_thinking`) in both places transformers/vLLM look:
+    chat_template.jinja and tokenizer_config.json's `chat_template`."""
+    checkpoint_tokenizer.copy_files(tokenizer_dir, out)
+    template = tokmod.load_tokenizer(tokenizer_dir).chat_template  # the kit's own, or the import's as it came
     cfg_path = out / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["chat_template"] = tok.chat_template
-    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+    if isinstance(template, str):
+        cfg["chat_template"] = template
+        cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+        (out / "chat_template.jinja").write_text(template)
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": meta["bos_id"], "eos_token_id": meta["eos_id"], "pad_token_id": meta["pad_id"]}, indent=2))
 
@@ -272,9 +274,10 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, model_cfg: DictConfig, 
     m = model_cfg
     src = DCPReader(ckpt_dir)
     src.check(kit_shapes(m))
-    meta = json.loads((Path(tokenizer_dir) / "axk1_tokenizer_meta.json").read_text())
-    if meta["vocab_size"] != m.vocab_size:
-        raise HFError(f"{tokenizer_dir}: vocab_size {meta['vocab_size']}: expected {m.vocab_size} (model.vocab_size)")
+    meta = checkpoint_tokenizer.read_meta(tokenizer_dir)
+    if meta["vocab_size"] > m.vocab_size:  # a released vocab may be smaller than its (padded) embedding
+        raise HFError(f"{tokenizer_dir}: vocab_size {meta['vocab_size']}: expected at most {m.vocab_size} "
+                      f"(model.vocab_size)")
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -311,7 +314,9 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, model_cfg: DictConfig, 
     (tmp / "config.json").write_text(json.dumps(hf_config(m, meta, dtype), indent=2))
     _write_tokenizer(tokenizer_dir, tmp, meta)
     (tmp / "axk1_export.json").write_text(json.dumps({"source": str(Path(ckpt_dir).resolve()), "dtype": dtype,
-                                                      "model": m.name}, indent=2))
+                                                      "model": m.name, "tokenizer_dir": str(tokenizer_dir),
+                                                      "tokenizer_sha256": checkpoint_tokenizer.tokenizer_hash(tokenizer_dir)},
+                                                     indent=2))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return {"out": str(out), "shards": len(shards), "bytes": total, "seconds": time.perf_counter() - t0,
@@ -421,7 +426,18 @@ def import_hf(hf_dir: str | Path, out_ckpt: str | Path, model_cfg: DictConfig) -
         shutil.rmtree(tmp, ignore_errors=True)
         ours = [f for f in getattr(e, "failures", {}).values() if isinstance(f, HFError)]  # DCP wraps it
         raise (ours[0] if ours else e)
-    (tmp / "axk1_import.json").write_text(json.dumps({"source": str(hf_dir.resolve()), "model": m.name}, indent=2))
+    try:  # the ids the weights were trained on: the folder's own tokenizer and chat template
+        tok = checkpoint_tokenizer.import_tokenizer(hf_dir, tmp)
+    except (ValueError, FileNotFoundError):
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if tok["meta"]["vocab_size"] > m.vocab_size:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise HFError(f"{hf_dir}/tokenizer.json: vocab_size {tok['meta']['vocab_size']}: expected at most "
+                      f"{m.vocab_size} (model.vocab_size)")
+    (tmp / "axk1_import.json").write_text(json.dumps({"source": str(hf_dir.resolve()), "model": m.name,
+                                                      "tokenizer_sha256": tok["sha256"]}, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
-    return {"out": str(out), "tensors": len(shapes), "seconds": time.perf_counter() - t0}
+    return {"out": str(out), "tensors": len(shapes), "seconds": time.perf_counter() - t0,
+            "tokenizer_sha256": tok["sha256"], "think_tags": tok["meta"].get("think_tags")}

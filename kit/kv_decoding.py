@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
@@ -196,3 +197,14 @@ def generate_uncached(net, prompt: list[int], *, max_new_tokens: int, eos_id: in
         if seq[-1] == eos_id:
             break
     return seq[len(prompt):]
+
+
+def load_weights(net: torch.nn.Module, ckpt) -> None:
+    """Model entries of a DCP checkpoint into the plain decode model (resharded by DCP)."""
+    have = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    sd = net.state_dict()
+    missing = [k for k in sd if f"model.{k}" not in have]
+    if missing:
+        raise KeyError(f"{ckpt}: checkpoint lacks {missing[0]} ({len(missing)} entries): another architecture?")
+    dcp.load({"model": sd}, storage_reader=dcp.FileSystemReader(str(ckpt)))
+    net.load_state_dict(sd)

@@ -26,12 +26,11 @@ from pathlib import Path
 
 import hydra
 import torch
-import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig, OmegaConf
 
 import rl
-import tokenizer as tokmod
-from kit import chat_data, checkpoints, kv_decoding, preflight, training
+from kit import chat_data, checkpoint_tokenizer, checkpoints, kv_decoding, preflight, training
+from kit.kv_decoding import load_weights  # noqa: F401  (bench/rl_learning.py calls evaluate.load_weights)
 from kit.openai_client import Endpoint, EndpointError
 from kit.progress_bar import progress
 
@@ -49,17 +48,6 @@ def resolve(cfg: DictConfig, label: str, src: str) -> Path:
     return latest
 
 
-def load_weights(net: torch.nn.Module, ckpt: Path) -> None:
-    """Model entries of a DCP checkpoint into the plain decode model (resharded by DCP)."""
-    have = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
-    sd = net.state_dict()
-    missing = [k for k in sd if f"model.{k}" not in have]
-    if missing:
-        raise KeyError(f"{ckpt}: checkpoint lacks {missing[0]} ({len(missing)} entries): another architecture?")
-    dcp.load({"model": sd}, storage_reader=dcp.FileSystemReader(str(ckpt)))
-    net.load_state_dict(sd)
-
-
 def decode(net):
     """The kit's KV-cached decoder for a checkpoint, the server's completions for an endpoint."""
     return net.complete if isinstance(net, Endpoint) else functools.partial(kv_decoding.generate, net)
@@ -73,7 +61,7 @@ def heldout_nll(net, tok, records: list[dict], mode: str) -> float:
         ref = r.get("references", {}).get(mode)
         if ref is None:
             continue
-        ids, labels = chat_data.encode_chat(tok, r["messages"] + [ref])
+        ids, labels = chat_data.encode_chat(tok, r["messages"] + [ref], r.get("tools"))
         y = torch.tensor(labels[1:])
         keep = y != chat_data.IGNORE_INDEX
         if isinstance(net, Endpoint):  # the server's log p(ids[i] | ids[:i]) (echo + logprobs)
@@ -114,7 +102,7 @@ def sampled_figures(net, tok, records: list[dict], mode: str, cfg: DictConfig, r
     step = max(1, sc.batch_rows // sc.n)  # prompts per generate call (a wide batch costs little more per token)
     for s in range(0, len(records), step):
         chunk = records[s:s + step]
-        prompts = [chat_data.encode_prompt(tok, r["messages"], mode) for r in chunk for _ in range(sc.n)]
+        prompts = [chat_data.encode_prompt(tok, r["messages"], mode, r.get("tools")) for r in chunk for _ in range(sc.n)]
         outs = decode(net)(prompts, max_new_tokens=sc.max_new_tokens, eos_id=tok.eos_token_id,
                             pad_id=tok.pad_token_id, temperature=sc.temperature, generator=gen)
         for j, r in enumerate(chunk):
@@ -140,7 +128,7 @@ def evaluate_checkpoint(net, tok, records: list[dict], cfg: DictConfig, sampled:
         outs = []
         for s in range(0, len(records), cfg.batch_size):
             chunk = records[s:s + cfg.batch_size]
-            outs += decode(net)([chat_data.encode_prompt(tok, r["messages"], mode) for r in chunk],
+            outs += decode(net)([chat_data.encode_prompt(tok, r["messages"], mode, r.get("tools")) for r in chunk],
                                 max_new_tokens=cfg.max_new_tokens, eos_id=tok.eos_token_id,
                                 pad_id=tok.pad_token_id, temperature=cfg.temperature, generator=gen)
         scores = []
@@ -156,6 +144,10 @@ def evaluate_checkpoint(net, tok, records: list[dict], cfg: DictConfig, sampled:
                      "well_formed": sum(s[0].well_formed for s in scores) / n,
                      "mode_obeyed": sum(s[1] for s in scores) / n,
                      "accuracy": sum(s[0].accuracy for s in scores) / n,
+                     # per domain (Table 3's rows: Math, Instruction Following, Tool-use, ...)
+                     "accuracy_by_domain": {d: sum(s[0].accuracy for s, r in zip(scores, records) if r["domain"] == d)
+                                            / sum(r["domain"] == d for r in records)
+                                            for d in sorted({r["domain"] for r in records})},
                      "mean_tokens": sum(s[2] for s in scores) / n,
                      "reward": sum(s[0].total for s in scores) / n,
                      "heldout_nll": heldout_nll(net, tok, records, mode)}
@@ -170,7 +162,7 @@ def run(cfg: DictConfig) -> dict:
     torch.manual_seed(cfg.seed)
     # one process: every core this process may run on (torchrun starts it with OMP_NUM_THREADS=1)
     torch.set_num_threads(cfg.num_threads or len(os.sched_getaffinity(0)))
-    tok = tokmod.load_tokenizer(cfg.tokenizer_dir)
+    tok = checkpoint_tokenizer.load(cfg.tokenizer_dir)  # an endpoint's; a checkpoint brings its own below
     records, report = chat_data.load_posttrain(cfg.posttrain_data, "eval")
     net = kv_decoding.build_inference_model(cfg.model, training.device_of(cfg))  # evaluate.yaml `device`
     out_dir = Path(cfg.run_dir)
@@ -184,9 +176,13 @@ def run(cfg: DictConfig) -> dict:
         else:
             ckpt, model = resolve(cfg, label, src), net
             load_weights(net, ckpt)
+            tok_dir = checkpoint_tokenizer.tokenizer_of(ckpt, cfg.tokenizer_dir)  # the ids it was trained on
+            tok = checkpoint_tokenizer.load(tok_dir)
+            print(f"[evaluate] {label}: tokenizer {checkpoint_tokenizer.describe(tok_dir)}", flush=True)
         rows[label], samples = evaluate_checkpoint(model, tok, records, cfg,
                                                    sampled=cfg.sampled.n > 0 and label in cfg.sampled.checkpoints)
         rows[label]["checkpoint"] = str(ckpt)
+        rows[label]["tokenizer_sha256"] = checkpoint_tokenizer.tokenizer_hash(tok_dir) if not cfg.get("endpoint") else None
         all_samples += [{"checkpoint": label, **s} for s in samples]
         line = "  ".join(f"{m}: wf {v['well_formed']:.2f} obey {v['mode_obeyed']:.2f} acc {v['accuracy']:.2f} "
                          f"tok {v['mean_tokens']:.1f} R {v['reward']:+.2f} nll {v['heldout_nll']:.2f}"

@@ -18,16 +18,17 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from kit import hf_io  # noqa: E402
+from kit import checkpoint_tokenizer, hf_io  # noqa: E402
 
 
 def run(cfg: DictConfig) -> dict:
     ckpt, name = hf_io.resolve_checkpoint(cfg.ckpt, cfg.stages, Path(cfg.paths.runs) / cfg.model.name)
     out = Path(cfg.out) if cfg.out else Path(cfg.paths.runs) / cfg.model.name / "hf" / name
-    print(f"[export] {ckpt} -> {out} ({cfg.dtype})", flush=True)
-    stats = hf_io.export_hf(ckpt, out, cfg.model, cfg.tokenizer_dir, dtype=cfg.dtype,
+    tok_dir = checkpoint_tokenizer.tokenizer_of(ckpt, cfg.tokenizer_dir)  # the ids the weights were trained on
+    print(f"[export] {ckpt} -> {out} ({cfg.dtype}), tokenizer {checkpoint_tokenizer.describe(tok_dir)}", flush=True)
+    stats = hf_io.export_hf(ckpt, out, cfg.model, tok_dir, dtype=cfg.dtype,
                             max_shard_bytes=int(float(cfg.max_shard_gib) * 2**30))
-    return {"checkpoint": str(ckpt), **stats}
+    return {"checkpoint": str(ckpt), "tokenizer_sha256": checkpoint_tokenizer.tokenizer_hash(tok_dir), **stats}
 
 
 @hydra.main(config_path="../conf", config_name="export", version_base="1.3")

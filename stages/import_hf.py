@@ -2,12 +2,14 @@
 
     python stages/import_hf.py hf=/path/to/A.X-K1 out=runs/axk1_519b/released model=axk1_519b
     make import HF=/path/to/A.X-K1 OUT=runs/axk1_519b/released MODEL=axk1_519b
-    make post MODEL=axk1_519b ARGS="stage.init_from=runs/axk1_519b/released"   # post-train released weights
+    make post MODEL=axk1_519b ARGS="++base_stage=runs/axk1_519b/released ++checkpoints.base=runs/axk1_519b/released"
     python stages/import_hf.py hf=/path/to/A.X-K1 out=runs/axk1_519b/released model=axk1_519b --cfg job --resolve   # prints the fully composed config, runs nothing
 
 The folder must describe the model config exactly: config.json fields, and every tensor by name
 and shape (router biases included); the first difference stops the import with one line naming
-the field or tensor, and nothing is written.
+the field or tensor, and nothing is written. The folder's tokenizer files and chat template are
+copied beside the weights (`<out>/tokenizer/`): every stage starting from the import encodes with
+them (kit/checkpoint_tokenizer.py).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import merge
-from kit import checkpoints, run_lease
+from kit import checkpoint_tokenizer, checkpoints, run_lease
 
 
 def resolve_input(cfg: DictConfig, field: str) -> Path:
@@ -52,12 +52,18 @@ def run(cfg: DictConfig) -> dict:
     (run_dir / "DONE.json").unlink(missing_ok=True)  # a re-run is not done until it finishes
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     out = root / "step-00000000"
+    # both parents must speak one tokenizer (a weight average of two vocabularies means nothing)
+    tok_dir = checkpoint_tokenizer.tokenizer_of(reasoning, cfg.tokenizer_dir)
+    tok_hash = checkpoint_tokenizer.require_same(tok_dir, f"stage.reasoning_from {reasoning}",
+                                                 checkpoint_tokenizer.tokenizer_of(instruct, cfg.tokenizer_dir),
+                                                 f"stage.instruct_from {instruct}")
+    checkpoint_tokenizer.copy_tokenizer(tok_dir, run_dir)
     manifest = merge.merge_checkpoints(reasoning, instruct, out, float(cfg.alpha), hash_inputs=bool(cfg.hash_inputs),
                                       on_tensor=lease.heartbeat)
     (run_dir / "merge_manifest.json").write_text(json.dumps(manifest, indent=2))
     checkpoints.write_atomic(root / "latest", out.name)
     summary = {"stage": cfg.stage.name, "alpha": manifest["alpha"], "n_params": manifest["n_params"],
-               "output": str(out), "seconds": manifest["seconds"], "finished": True}
+               "output": str(out), "seconds": manifest["seconds"], "tokenizer_sha256": tok_hash, "finished": True}
     checkpoints.write_atomic(run_dir / "DONE.json", json.dumps(summary))
     lease.release()
     return summary
@@ -67,7 +73,7 @@ def run(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     try:
         print(json.dumps(run(cfg)), flush=True)
-    except (merge.MergeError, FileNotFoundError, FileExistsError) as e:
+    except (merge.MergeError, FileNotFoundError, FileExistsError, checkpoint_tokenizer.TokenizerMismatch) as e:
         sys.exit(f"[merge] {e}")
 
 

@@ -10,7 +10,9 @@ resumes from its own latest checkpoint: weights, optimizer, loader position and 
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 import data
-from kit import checkpoints, config_checks, context_parallel, run_lease, training
+from kit import checkpoint_tokenizer, checkpoints, config_checks, context_parallel, run_lease, training
 
 
 def run(cfg: DictConfig) -> dict:
@@ -31,6 +33,17 @@ def run(cfg: DictConfig) -> dict:
     lease = run_lease.take(run_dir, cfg.lease, stage.name)  # one writer per run folder, before any read or write
     training.save_resolved_config(cfg, run_dir, rank)
     torch.set_num_threads(max(1, cfg.hardware.cpus_per_task))
+
+    # ---- the data and the starting checkpoint must speak one tokenizer (checked before building) --
+    latest = checkpoints.latest_checkpoint(run_dir)
+    init = None if latest is not None else checkpoints.resolve_init(cfg)
+    tok_dir = checkpoint_tokenizer.tokenizer_of(latest or init, cfg.data.tokenizer_dir)
+    manifest = data.stage_dir(cfg.data, stage.data_stage) / "manifest.json"
+    data_tok = json.loads(manifest.read_text()).get("tokenizer_sha256") if manifest.is_file() else None
+    if data_tok:
+        checkpoint_tokenizer.require_hash(data_tok, f"data {manifest}", tok_dir,
+                                          f"checkpoint {latest or init}" if latest or init else "data.tokenizer_dir")
+    tok_dir = checkpoint_tokenizer.stage_tokenizer(run_dir, init, cfg.data.tokenizer_dir, rank)
 
     # ---- model + parallelize (torchtitan) ----------------------------------------------
     parts, pipe, spec, parallel_dims, flops_per_token = training.build_model_parts(
@@ -60,7 +73,7 @@ def run(cfg: DictConfig) -> dict:
             for line in checkpoints.resume_changes(state.get("layout", {}), layout, state["step"] + 1):
                 print(f"[{stage.name}] {line}", flush=True)
     else:
-        if (init := checkpoints.resolve_init(cfg)) is not None:
+        if init is not None:
             checkpoints.load_model_weights(init, parts)
             if rank == 0:
                 print(f"[{stage.name}] initialised from {init}", flush=True)
@@ -136,7 +149,8 @@ def run(cfg: DictConfig) -> dict:
 
     log.close()
     summary = {"stage": stage.name, "step": state["step"], "tokens": state["tokens"],
-               "final_loss": loss_val, "run_dir": str(run_dir), "finished": state["tokens"] >= budget.tokens}
+               "final_loss": loss_val, "run_dir": str(run_dir), "finished": state["tokens"] >= budget.tokens,
+               "tokenizer_sha256": checkpoint_tokenizer.tokenizer_hash(tok_dir)}
     summary = training.finish_stage(run_dir, summary)
     lease.release()
     return summary
@@ -144,7 +158,11 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="../conf", config_name="pretrain", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    training.print_summary_and_close(run(cfg))
+    try:
+        summary = run(cfg)
+    except checkpoint_tokenizer.TokenizerMismatch as e:
+        sys.exit(f"[{cfg.stage.name}] {e}")
+    training.print_summary_and_close(summary)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 import rl
-import tokenizer as tokmod
-from kit import chat_data, checkpoints, config_checks, kv_decoding, run_lease, training, vllm_engine
+from kit import chat_data, checkpoint_tokenizer, checkpoints, config_checks, kv_decoding, run_lease, training, vllm_engine
 
 
 def token_logprobs(net, seqs: list[list[int]], pad_id: int) -> torch.Tensor:
@@ -76,7 +75,7 @@ def policy_step(net, opt, seqs, mask, old, adv, rl_cfg: DictConfig, grad_clip: f
 def sample_groups(batch, rollouts, tok, rl_cfg: DictConfig, reward_cfg: rl.RewardConfig, generator) -> list[list[dict]]:
     """One batched generation for all (record, mode) items of a round: `group_size` samples per
     item, each decoded and scored; returns one group (a list of samples) per item."""
-    prompts = [chat_data.encode_prompt(tok, record["messages"], mode) for record, mode in batch]
+    prompts = [chat_data.encode_prompt(tok, record["messages"], mode, record.get("tools")) for record, mode in batch]
     outputs = rollouts.sample([prompt for prompt in prompts for _ in range(rl_cfg.group_size)],
                               max_new_tokens=rl_cfg.max_new_tokens, eos_id=tok.eos_token_id,
                               temperature=rl_cfg.temperature, generator=generator)
@@ -160,7 +159,10 @@ def run(cfg: DictConfig) -> dict:
     # ---- model + parallelize (torchtitan), and the rollout backend that samples from it -----
     net, spec, parallel_dims, _ = training.build_model(cfg, world, bias_update_rate=stage.bias_update_rate, seed=cfg.seed)
     opt = training.build_optimizer(net, optim, spec, parallel_dims)
-    tok = tokmod.load_tokenizer(cfg.tokenizer_dir)
+    latest = checkpoints.latest_checkpoint(run_dir)
+    init = None if latest is not None else checkpoints.resolve_init(cfg)
+    tok_dir = checkpoint_tokenizer.stage_tokenizer(run_dir, init, cfg.tokenizer_dir, rank)  # the checkpoint's own
+    tok = checkpoint_tokenizer.load(tok_dir)
     rollouts = (vllm_engine.VLLMRollouts(cfg, run_dir / "rollout_engine", rank) if rl_cfg.rollout_backend == "vllm"
                 else kv_decoding.LocalRollouts(cfg.model, tok.pad_token_id, training.device_of(cfg.hardware)))
 
@@ -178,9 +180,9 @@ def run(cfg: DictConfig) -> dict:
     if latest is not None:
         state = saved
     else:
-        checkpoints.load_model_weights(checkpoints.resolve_init(cfg), net)
+        checkpoints.load_model_weights(init, net)
     if rank == 0:
-        print(f"[{stage.name}] {'resumed from ' + str(latest) if latest else 'initialised from ' + str(checkpoints.resolve_init(cfg))}; "
+        print(f"[{stage.name}] {'resumed from ' + str(latest) if latest else 'initialised from ' + str(init)}; "
               f"{len(records)} prompts x 2 modes; data {json.dumps(report['bad'])}", flush=True)
     stream = itertools.islice(itertools.cycle(items), state["cursor"], None)
     generator = torch.Generator().manual_seed(cfg.seed + 1000 * rank + state["step"])
@@ -253,7 +255,8 @@ def run(cfg: DictConfig) -> dict:
 
     log.close()
     rollouts.close()
-    summary = {"stage": stage.name, "step": state["step"], "run_dir": str(run_dir), "finished": state["step"] >= budget.steps}
+    summary = {"stage": stage.name, "step": state["step"], "run_dir": str(run_dir), "finished": state["step"] >= budget.steps,
+               "tokenizer_sha256": checkpoint_tokenizer.tokenizer_hash(tok_dir)}
     summary = training.finish_stage(run_dir, summary)
     lease.release()
     return summary

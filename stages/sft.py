@@ -22,8 +22,7 @@ import torch
 from omegaconf import DictConfig
 
 import data
-import tokenizer as tokmod
-from kit import chat_data, checkpoints, config_checks, run_lease, training
+from kit import chat_data, checkpoint_tokenizer, checkpoints, config_checks, run_lease, training
 
 IGNORE = chat_data.IGNORE_INDEX
 
@@ -58,7 +57,7 @@ def build_sft_data(cfg: DictConfig, tok, seq_len: int, rank: int) -> tuple[dict,
     encoded, too_long = [], 0
     for r in records:
         try:
-            ids, labels = chat_data.encode_chat(tok, r["messages"])
+            ids, labels = chat_data.encode_chat(tok, r["messages"], r.get("tools"))
         except ValueError as e:  # the template cannot split this chat at its prompt: a bad record
             data.note_bad(report.setdefault("encode", {}), f"unencodable: {e}", str(r.get("id")))
             continue
@@ -91,8 +90,15 @@ def run(cfg: DictConfig) -> dict:
                                                                      seed=cfg.seed)
     opts = [training.build_optimizer(part, optim, spec, parallel_dims) for part in parts]  # one per pipeline chunk
 
+    # ---- the tokenizer the starting checkpoint speaks (its own copy travels with it) --------
+    latest = checkpoints.latest_checkpoint(run_dir)
+    init = None if latest is not None else checkpoints.resolve_init(cfg)
+    tok_dir = checkpoint_tokenizer.stage_tokenizer(run_dir, init, cfg.tokenizer_dir, rank)
+    tok = checkpoint_tokenizer.load(tok_dir)
+    if rank == 0:
+        print(f"[{stage.name}] tokenizer {checkpoint_tokenizer.describe(tok_dir)}", flush=True)
+
     # ---- data: every rank packs the same rows, then takes its data-parallel share -----------
-    tok = tokmod.load_tokenizer(cfg.tokenizer_dir)
     rows, data_report = build_sft_data(cfg, tok, budget.seq_len, rank)
     batch_mesh = parallel_dims.get_optional_mesh("batch")
     dp_rank = batch_mesh.get_local_rank() if batch_mesh is not None else 0
@@ -109,7 +115,6 @@ def run(cfg: DictConfig) -> dict:
         if rank == 0:
             print(f"[{stage.name}] resumed from {latest} at step {state['step']}", flush=True)
     else:
-        init = checkpoints.resolve_init(cfg)
         if init is None:
             raise ValueError(f"stage/{stage.name}.yaml init_from is empty: SFT starts from a checkpoint")
         checkpoints.load_model_weights(init, parts)
@@ -172,7 +177,8 @@ def run(cfg: DictConfig) -> dict:
 
     log.close()
     summary = {"stage": stage.name, "step": state["step"], "total_steps": total_steps, "final_loss": loss_val,
-               "run_dir": str(run_dir), "data": data_report, "finished": state["step"] >= total_steps}
+               "run_dir": str(run_dir), "data": data_report,
+               "tokenizer_sha256": checkpoint_tokenizer.tokenizer_hash(tok_dir), "finished": state["step"] >= total_steps}
     summary = training.finish_stage(run_dir, summary)
     lease.release()
     return summary

@@ -69,7 +69,7 @@ def test_reader_counts_bad_records(tmp_path):
     p.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
     recs, st = chat_data.read_source(p, "non_thinking")
     assert len(recs) == 2 and recs[0]["id"] == f"{p}:1"
-    assert st["bad"] == {"missing or empty messages": 1, "message role not in system/user/assistant": 1,
+    assert st["bad"] == {"missing or empty messages": 1, "message role not in system/user/assistant/tool": 1,
                          "raw think tag in content (use reasoning_content)": 1,
                          "non-thinking record carries reasoning_content": 1,
                          "message content is not a string": 1, "malformed_json": 1}

@@ -135,7 +135,7 @@ def test_not_a_checkpoint(tmp_path):
 
 def test_merge_stage_layout(tmp_path):
     import importlib.util
-    spec = importlib.util.spec_from_file_location("stage_merge", Path(CONF).parent / "stages" / "merge.py")
+    spec = importlib.util.spec_from_file_location("stage_merge", Path(CONF).parent / "stages" / "merge_sft.py")
     stage = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stage)
     for name, seed in (("sft_reasoning", 1), ("sft_instruct", 2)):

@@ -13,7 +13,7 @@ MIX = {"arithmetic/en": 1, "instruction/ko": 1}
 KINDS = ("sft_instruct", "sft_reasoning", "mod", "rl", "eval")
 # what each planted row breaks, and the reason the reader must give for it
 PLANTED = {
-    "wrong role": "message role not in system/user/assistant",
+    "wrong role": "message role not in system/user/assistant/tool",
     "raw think tags": "raw think tag in content (use reasoning_content)",
     "empty assistant turn": "empty assistant content",
 }
