@@ -75,7 +75,7 @@ def test_deepep_without_the_package_stops_with_one_line(single_process_group):
     from kit import training
 
     cfg = compose_cfg(overrides=["parallelism=none", "parallelism.moe_comm_backend=deepep"])
-    with pytest.raises(RuntimeError, match="needs the deep_ep package") as e:
+    with pytest.raises(RuntimeError, match="needs DeepEP v2 \(deep_ep\), not installed here") as e:
         training.build_model(cfg, 1, bias_update_rate=1e-3, seed=0)
     assert "\n" not in str(e.value)
 

@@ -61,7 +61,7 @@ def test_failing_backend_warns_once_and_training_logs_on(tmp_path, capsys):
 
 
 def test_metrics_off_by_default_import_neither_wandb_nor_network(tmp_path):
-    code = ("import sys, monitoring; from conftest import compose_cfg; "
+    code = ("import sys; from kit import metrics_log; from conftest import compose_cfg; "
             f"cfg = compose_cfg('sft', ['run_dir={tmp_path}']); "
             "log = metrics_log.MetricLog(cfg, 0, progress='step', total=2, start=0); "
             "log.log({'step': 1, 'loss': 1.0}); log.close(); "
