@@ -100,12 +100,12 @@ def pretrain_step(cfg, parts, pipe, opts, pdims) -> None:
 
 
 def rl_step(cfg, net, opt, pdims, tok) -> None:
-    """stages/rl.py: weights to the local rollout backend on the trainer's device, a batched
+    """stages/rl_train.py: weights to the local rollout backend on the trainer's device, a batched
     sample, the old log-probs and one GSPO policy step."""
-    from stages import rl as rl_stage
+    from stages import rl_train as rl_stage
     import rl
 
-    R = compose_cfg("rl", ["parallelism=none"]).stage.rl
+    R = compose_cfg("rl_train", ["parallelism=none"]).stage.rl
     rollouts = kv_decoding.LocalRollouts(cfg.model, tok.pad_token_id, training.device_of(cfg.hardware))
     rollouts.load(net)
     prompts = [[5, 6, 7], [8, 9]]
