@@ -76,7 +76,7 @@ def main() -> None:
     rcfg, rl_over = launcher.compose("rl_train", rl_over, ROOT / "conf")
     launcher.check(rcfg)
     t0 = time.perf_counter()
-    if launcher.run_local(ROOT / "stages" / "rl.py", rcfg, rl_over) != 0:
+    if launcher.run_local(ROOT / "stages" / "rl_train.py", rcfg, rl_over) != 0:
         raise SystemExit("RL stage failed (see its log above)")
     seconds = time.perf_counter() - t0
     after = score(ecfg, net, tok, records, checkpoints.latest_checkpoint(out / "rl"))

@@ -161,7 +161,7 @@ def stage_runs(tmp_path_factory, tiny_data):
         "metrics.wandb.name=test-offline"], env, nproc=2))}
     init = runs / "tiny" / "pretrain_s1" / "initial"
     sft = start_stage("sft", common + ["max_steps=2", f"stage.init_from={init}"], env)
-    rl = start_stage("rl", common + [  # side by side with SFT: both are mostly single-threaded start-up
+    rl = start_stage("rl_train", common + [  # side by side with SFT: both are mostly single-threaded start-up
         "max_steps=1", f"stage.init_from={init}", "stage.rl.group_size=2", "stage.rl.groups_per_step=1",
         "stage.rl.first_round=1", "stage.rl.max_groups_tried=2", "stage.rl.max_new_tokens=8",
         "stage.rl.cache_len=2"], env)
