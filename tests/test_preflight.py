@@ -1,6 +1,7 @@
 """A mistake on the command line is one line, printed by the launching process before torchrun
 starts a rank: the README's make targets with a typo, a bad layout, a missing input."""
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -12,9 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def make(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`make ...` as a user types it; stdout and stderr together, as the console shows them."""
+    """`make ...` as a user types it; stdout and stderr together, as the console shows them. Without
+    the variables of an enclosing make (`make test` runs pytest): a nested make prints "Entering
+    directory" lines a user's top-level make does not."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES")}
     return subprocess.run(["make", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=env)
 
 
 def assert_refused_before_ranks(p: subprocess.CompletedProcess, runs: Path, max_lines: int) -> list[str]:
