@@ -364,12 +364,14 @@ def expert_load_imbalance(net, group=None) -> float:
 MetricLog = metrics_log.MetricLog
 
 
-def finish_stage(run_dir: str | Path, summary: dict) -> dict:
+def finish_stage(run_dir: str | Path, summary: dict, lease=None) -> dict:
     """End of a stage's loop on every rank: a finished stage gets DONE.json (what the next stage,
-    `make status` and the launcher look for)."""
+    `make status` and the launcher look for), then the run folder's lease is released."""
     if dist.get_rank() == 0 and summary["finished"]:
         checkpoints.write_atomic(Path(run_dir) / "DONE.json", json.dumps(summary))
     dist.barrier()
+    if lease is not None:
+        lease.release()
     return summary
 
 

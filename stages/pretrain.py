@@ -151,9 +151,7 @@ def run(cfg: DictConfig) -> dict:
     summary = {"stage": stage.name, "step": state["step"], "tokens": state["tokens"],
                "final_loss": loss_val, "run_dir": str(run_dir), "finished": state["tokens"] >= budget.tokens,
                "tokenizer_sha256": checkpoint_tokenizer.tokenizer_hash(tok_dir)}
-    summary = training.finish_stage(run_dir, summary)
-    lease.release()
-    return summary
+    return training.finish_stage(run_dir, summary, lease)
 
 
 @hydra.main(config_path="../conf", config_name="pretrain", version_base="1.3")

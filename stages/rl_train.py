@@ -257,9 +257,7 @@ def run(cfg: DictConfig) -> dict:
     rollouts.close()
     summary = {"stage": stage.name, "step": state["step"], "run_dir": str(run_dir), "finished": state["step"] >= budget.steps,
                "tokenizer_sha256": checkpoint_tokenizer.tokenizer_hash(tok_dir)}
-    summary = training.finish_stage(run_dir, summary)
-    lease.release()
-    return summary
+    return training.finish_stage(run_dir, summary, lease)
 
 
 @hydra.main(config_path="../conf", config_name="rl_train", version_base="1.3")

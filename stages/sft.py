@@ -179,9 +179,7 @@ def run(cfg: DictConfig) -> dict:
     summary = {"stage": stage.name, "step": state["step"], "total_steps": total_steps, "final_loss": loss_val,
                "run_dir": str(run_dir), "data": data_report,
                "tokenizer_sha256": checkpoint_tokenizer.tokenizer_hash(tok_dir), "finished": state["step"] >= total_steps}
-    summary = training.finish_stage(run_dir, summary)
-    lease.release()
-    return summary
+    return training.finish_stage(run_dir, summary, lease)
 
 
 @hydra.main(config_path="../conf", config_name="sft", version_base="1.3")
