@@ -46,12 +46,13 @@ SETUP_LOCK := $(if $(filter cuda,$(ACCEL)),requirements-cuda.lock,requirements.l
 accel_changed = $(if $(filter-out $(1),$(ACCEL)),FORCE)
 
 $(VENV)/.installed: $(SETUP_LOCK) requirements.lock pyproject.toml $(call accel_changed,$(VENV_ACCEL))
-	$(PY) -m venv $(if $(call accel_changed,$(VENV_ACCEL)),--clear) $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -r $(SETUP_LOCK)
-	$(BIN)/pip install -q --no-deps -e .
-	echo $(ACCEL) > $(VENV)/.accel
-	touch $@
+	@echo "setup: $(VENV) from $(SETUP_LOCK) (ACCEL=$(ACCEL)); pip's output in $(VENV)/pip.log"
+	@$(PY) -m venv $(if $(call accel_changed,$(VENV_ACCEL)),--clear) $(VENV)
+	@( $(BIN)/pip install --upgrade pip && $(BIN)/pip install -r $(SETUP_LOCK) && \
+	   $(BIN)/pip install --no-deps -e . ) > $(VENV)/pip.log 2>&1 || \
+	 { tail -n 15 $(VENV)/pip.log; echo "setup: pip failed; the whole output is in $(VENV)/pip.log"; exit 1; }
+	@echo $(ACCEL) > $(VENV)/.accel
+	@touch $@
 
 setup: $(VENV)/.installed ## 1 Setup|create .venv from requirements.lock and install the kit into it
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -116,7 +117,8 @@ def train_tokenizer(docs: Iterable[str], *, vocab_size: int, min_frequency: int 
     tok = build_untrained()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress)
+        # the Rust trainer's own bar only on a terminal: in a log it leaves blank lines
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress and sys.stderr.isatty())
     bar = progress(total=total_bytes, desc=f"[{label}] training input", unit="B", scale=True) if show_progress else None
     tok.train_from_iterator(_counted(docs, bar) if bar else docs, trainer=trainer)
     if bar:

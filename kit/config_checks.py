@@ -135,8 +135,12 @@ def errors(cfg: DictConfig, world_size: int | None = None) -> list[str]:
     rows = dp * p.micro_batch
     bad = [n for n in batch_schedule_values(b) if n % rows]
     if bad:
+        hint = ""
+        if b.batch_end % rows == 0:  # only the ramp's early sizes: a run that grows its cluster after the ramp
+            hint = (f"; past the ramp (the paper ramped on 1,024 GPUs and grew the cluster after it, 3.3-3.4) "
+                    f"continue here with stage.budget.{m.budget}.batch_start={b.batch_end}")
         out.append(f"stage/{cfg.stage.name}.yaml global batch {bad[0]} (of the ramp {b.batch_start}->{b.batch_end} "
-                   f"step {b.batch_increment}): expected a multiple of dp*micro_batch={dp}*{p.micro_batch}={rows}")
+                   f"step {b.batch_increment}): expected a multiple of dp*micro_batch={dp}*{p.micro_batch}={rows}{hint}")
     return out
 
 

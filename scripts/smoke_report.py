@@ -157,7 +157,8 @@ def main() -> None:
         secs = time.time() - float(Path(a.start_file).read_text().strip())
         elapsed = f"Wall time of the chain (tokenizer -> pre-training -> post-training -> this report): **{secs / 60:.1f} min**.\n\n"
     samples = read_jsonl(root / "evaluate" / "samples.jsonl")
-    ex = "\n".join(f"- {s['checkpoint']} / {s['mode']}: `{s['output'][:120]!r}` ({'ok' if s['well_formed'] else s['reason']})"
+    ex = "\n".join(f"- {s['checkpoint']} / {s['mode']}: `{s['output'][:120]!r}` "
+                   f"({'well formed' if s['well_formed'] else 'malformed: ' + s['reason']}; reward {s['reward']:+.2f})"
                    for s in samples if s["checkpoint"] in ("merged", "MOD", "RL"))[:4000]
     verdicts = claims(rows)
     text = (f"# Smoke report ({a.model})\n\n{elapsed}"
@@ -169,7 +170,10 @@ def main() -> None:
             f"sampled: {sampled_note(rows)}; a claim comparing checkpoints holds only when the paired-bootstrap "
             "95% interval of the difference excludes zero.\n\n"
             + "\n".join(lines) + "\n\n## Claims (measured)\n\n" + "\n".join(verdicts)
-            + "\n\n## Curves\n\n![training curves](training_curves.png)\n\n## Sample outputs (merged, MOD, RL)\n\n" + ex + "\n")
+            + "\n\n## Curves\n\n![training curves](training_curves.png)\n\n## Sample outputs (merged, MOD, RL)\n\n"
+            "The first held-out prompts, greedy. Well formed means the mode's format is right, not that the answer "
+            "is correct: the reward says that (a right, well-formed answer scores about +1; the tiny model is "
+            "mostly wrong).\n\n" + ex + "\n")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     # the console's last line: the verdict, the chain's time, where to look

@@ -218,7 +218,7 @@ def main(cfg: DictConfig) -> None:
     world = config_checks.world_size_of(cfg)
     b = config_checks.budget(cfg)
     for line in config_checks.errors(cfg, world):
-        print(f"note: the trainer refuses this config: {line}")
+        print(f"note: the trainer would refuse this config as composed: {line}")
     deg = config_checks.mesh_degrees(cfg, world)
     n_micro = b.batch_end // (deg["dp"] * p.micro_batch)
     training._patch_torchtitan_device("cpu")  # meshes of the fake world; parameters stay on meta

@@ -61,8 +61,11 @@ def test_1536_gpus_with_the_stage1_ramp_is_refused():
           "model.num_mtp_layers=0"]
     lines = errs(ov)
     assert lines == ["stage/pretrain_s1.yaml global batch 2048 (of the ramp 2048->18432 step 1024): "
-                     "expected a multiple of dp*micro_batch=96*1=96"], lines
+                     "expected a multiple of dp*micro_batch=96*1=96; past the ramp (the paper ramped on 1,024 GPUs "
+                     "and grew the cluster after it, 3.3-3.4) continue here with "
+                     "stage.budget.paper.batch_start=18432"], lines
     assert errs(ov + ["stage=pretrain_s2"]) == []  # 18,432 = 96 * 192 after the ramp
+    assert errs(ov + ["stage.budget.paper.batch_start=18432"]) == []  # the override the line names is accepted
 
 
 def test_validate_raises_with_all_lines():

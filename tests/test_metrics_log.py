@@ -60,6 +60,17 @@ def test_failing_backend_warns_once_and_training_logs_on(tmp_path, capsys):
     assert [r["step"] for r in recs] == [1, 2] and all("eta_s" in r and "mem_rss_gib" in r for r in recs)
 
 
+def test_console_gets_first_last_and_interval_lines_while_jsonl_gets_every_step(tmp_path, capsys):
+    cfg = compose_cfg("pretrain", [f"run_dir={tmp_path}", "metrics.tensorboard=false", "metrics.console_every_s=3600"])
+    log = metrics_log.MetricLog(cfg, 0, progress="tokens", total=50, start=0)
+    for step in range(1, 6):
+        log.log({"step": step, "tokens": 10 * step, "loss": 1.0}, console=f"[t] step {step}")
+    log.close()
+    shown = [x.split(" |")[0] for x in capsys.readouterr().out.splitlines()]
+    assert shown == ["[t] step 1", "[t] step 5"], shown  # the first, then the last (tokens reach the total)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 5
+
+
 def test_metrics_off_by_default_import_neither_wandb_nor_network(tmp_path):
     code = ("import sys; from kit import metrics_log; from conftest import compose_cfg; "
             f"cfg = compose_cfg('sft', ['run_dir={tmp_path}']); "
@@ -155,7 +166,7 @@ def stage_runs(tmp_path_factory, tiny_data):
     runs = tmp_path_factory.mktemp("runs")
     server = ConnectionCounter()
     env = child_env(WANDB_BASE_URL=server.url)
-    common = [f"paths.runs={runs}", "log_every=1"]
+    common = [f"paths.runs={runs}", "log_every=1", "metrics.console_every_s=0"]
     out = {"pretrain_s1": finish(start_stage("pretrain", common + [
         f"data.root={tiny_data}", "max_steps=3", "checkpoint.save_initial=true", "metrics.wandb.enabled=true",
         "metrics.wandb.name=test-offline"], env, nproc=2))}

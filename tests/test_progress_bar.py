@@ -21,10 +21,15 @@ def test_log_gets_interval_lines_and_a_last_line(monkeypatch):
     assert all(re.search(r"doc/s\]$", ln) for ln in lines) and "\r" not in log.getvalue()
 
     log.truncate(0), log.seek(0)
-    with progress(desc="[t] hash", unit="B", scale=True, every_s=3600) as bar:  # long interval: the last line only
+    with progress(desc="[t] hash", unit="B", scale=True, every_s=3600, quiet_below_s=0.0) as bar:  # the last line only
         for _ in range(3):
             bar.update(2_500_000)
     assert re.fullmatch(r"\[t\] hash: 7\.50MB \[00:00, [\d.]+[kMGTP]?B/s\]\n", log.getvalue()), log.getvalue()
+
+    log.truncate(0), log.seek(0)
+    with progress(desc="[t] hash", unit="B", scale=True, every_s=3600) as bar:  # quick work: no line at all
+        bar.update(2_500_000)
+    assert log.getvalue() == ""
 
 
 def test_terminal_gets_a_tqdm_bar(monkeypatch):
