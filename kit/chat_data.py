@@ -173,7 +173,7 @@ def instruction_task(rng: random.Random, lang: str) -> dict:
 
 
 _USE_TOOL = {"en": "Use the calculator to compute {e}.", "ko": "계산기를 사용해 {e}를 계산하세요."}
-_TOOL_PLAN = {"en": "The calculator computes {e}.", "ko": "계산기로 {e}를 계산합니다."}
+_TOOL_PLAN = {"en": "Call the calculator.", "ko": "계산기를 씁니다."}
 _TOOL_SAYS = {"en": "The calculator returned {x}.", "ko": "계산기 결과는 {x}입니다."}
 
 
@@ -189,22 +189,24 @@ def tool_task(rng: random.Random, lang: str) -> dict:
             "trace": _TOOL_SAYS[lang].format(x=x)}
 
 
-def _tool_turns(t: dict, mode: str, idx: str) -> list[dict]:
-    """The assistant's call, the tool's result and the final answer of a tool task."""
+def _tool_turns(t: dict, mode: str) -> list[dict]:
+    """The assistant's call, the tool's result and the final answer of a tool task. One call per
+    chat, so one short id (an id is unique within its chat, as in OpenAI's API): every token counts
+    in the tiny model's 256-token SFT sequences."""
     call = {"role": "assistant", "content": "", "tool_calls": [
-        {"id": f"call_{idx}", "type": "function",
+        {"id": "call_1", "type": "function",
          "function": {"name": "calculator", "arguments": json.dumps({"expression": t["expression"]})}}]}
     final = {"role": "assistant", "content": t["final"]}
     if mode == "thinking":
         call["reasoning_content"] = _TOOL_PLAN[t["lang"]].format(e=t["expression"])
         final["reasoning_content"] = t["trace"]
-    return [call, {"role": "tool", "tool_call_id": f"call_{idx}", "content": t["task"]["answer"]}, final]
+    return [call, {"role": "tool", "tool_call_id": "call_1", "content": t["task"]["answer"]}, final]
 
 
 def _record(t: dict, mode: str, idx: str) -> dict:
     if "tools" in t:
         return {"id": idx, "lang": t["lang"], "domain": t["domain"], "task": t["task"], "tools": t["tools"],
-                "messages": [{"role": "user", "content": t["prompt"]}] + _tool_turns(t, mode, idx or "0")}
+                "messages": [{"role": "user", "content": t["prompt"]}] + _tool_turns(t, mode)}
     asst = {"role": "assistant", "content": t["direct"] if mode == "non_thinking" else t["final"]}
     if mode == "thinking":
         asst["reasoning_content"] = t["trace"]

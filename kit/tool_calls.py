@@ -143,7 +143,7 @@ def normalized(messages: list[dict]) -> list[dict]:
 # The smoke's tool: a calculator, and the verifier of a call to it (rl.correctness, kind tool_call)
 # ----------------------------------------------------------------------------------------
 CALCULATOR = {"type": "function", "function": {
-    "name": "calculator", "description": "Evaluates an arithmetic expression of integers with + - *.",
+    "name": "calculator", "description": "Integer arithmetic: + - *",
     "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
 

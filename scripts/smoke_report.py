@@ -123,6 +123,20 @@ def claims(rows: dict) -> list[str]:
     return out
 
 
+def domain_table(rows: dict) -> list[str]:
+    """Greedy accuracy per domain and mode (Table 3's rows: Math, Instruction Following, Tool-use)."""
+    modes = [m for m, v in next(iter(rows.values())).items() if isinstance(v, dict) and "accuracy_by_domain" in v]
+    if not modes:
+        return []
+    domains = sorted({d for r in rows.values() for m in modes for d in r[m]["accuracy_by_domain"]})
+    lines = ["| checkpoint | " + " | ".join(f"{d} {m}" for d in domains for m in modes) + " |",
+             "|" + "---|" * (1 + len(domains) * len(modes))]
+    for label, r in rows.items():
+        lines.append(f"| {label} | " + " | ".join(f"{r[m]['accuracy_by_domain'][d]:.2f}" if d in r[m]["accuracy_by_domain"]
+                                                  else "-" for d in domains for m in modes) + " |")
+    return lines
+
+
 def sampled_note(rows: dict) -> str:
     v = next((v for r in rows.values() for v in r.values() if isinstance(v, dict) and "sampled_n" in v), None)
     if v is None:
@@ -169,7 +183,10 @@ def main() -> None:
             "mean reward: R_correct + R_format + overlong shaping as in RL; held-out NLL: reference answer of that mode. "
             f"sampled: {sampled_note(rows)}; a claim comparing checkpoints holds only when the paired-bootstrap "
             "95% interval of the difference excludes zero.\n\n"
-            + "\n".join(lines) + "\n\n## Claims (measured)\n\n" + "\n".join(verdicts)
+            + "\n".join(lines)
+            + "\n\n## Accuracy by domain (Table 3's rows; greedy, the verifier of each task: exact answer, "
+            "instruction checks, the tool call's result)\n\n" + "\n".join(domain_table(rows))
+            + "\n\n## Claims (measured)\n\n" + "\n".join(verdicts)
             + "\n\n## Curves\n\n![training curves](training_curves.png)\n\n## Sample outputs (merged, MOD, RL)\n\n"
             "The first held-out prompts, greedy. Well formed means the mode's format is right, not that the answer "
             "is correct: the reward says that (a right, well-formed answer scores about +1; the tiny model is "
