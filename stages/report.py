@@ -153,6 +153,21 @@ def _fmt(v: float) -> str:
     return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
 
 
+def bench_results(run_dir: Path) -> list[str]:
+    """Lines linking the `make eval-bench` tables written for this run's checkpoints (their default
+    folder, <checkpoint>/bench), newest checkpoint first; none when no benchmark was run."""
+    found = sorted(run_dir.glob("checkpoints/*/bench/results.md"), reverse=True)
+    lines = []
+    for md in found:
+        rows = json.loads(md.with_name("results.json").read_text())["rows"] if md.with_name("results.json").exists() else []
+        scored = sum(r.get("score") is not None for r in rows)
+        lines.append(f"- [{md.relative_to(run_dir)}]({md.relative_to(run_dir)}): {len(rows)} (benchmark, mode) rows, "
+                     f"{scored} scored, {len(rows) - scored} without data"
+                     + (f" ([bar chart]({md.with_name('results.png').relative_to(run_dir)}))"
+                        if md.with_name("results.png").exists() else ""))
+    return lines
+
+
 def write_report(run_dir: str | Path) -> Path:
     """<run_dir>/report.md + report.png from <run_dir>/metrics.jsonl."""
     run_dir = Path(run_dir)
@@ -182,6 +197,9 @@ def write_report(run_dir: str | Path) -> Path:
             "Panels (README \"Watching a run\"):\n\n"
             + "".join(f"- {t.split(': ', 1)[1]}: {meaning[t]}\n" for t in titles) + "\n"
             + "\n".join(table) + "\n")
+    bench = bench_results(run_dir)
+    if bench:
+        text += "\n## Benchmarks (make eval-bench, paper Tables 4-5)\n\n" + "\n".join(bench) + "\n"
     out = run_dir / "report.md"
     out.write_text(text)
     return out

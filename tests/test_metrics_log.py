@@ -230,6 +230,18 @@ def test_make_report_writes_markdown_and_png_into_the_run(stage_runs):
     md = (run / "report.md").read_text()
     assert "![curves](report.png)" in md and "| lm_loss |" in md and "| expert_imbalance |" in md
     assert (run / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Benchmarks" not in md  # no eval-bench run yet: no section
+
+    # an eval-bench table of one of this run's checkpoints (its default folder) is linked from the report
+    from stages import eval_bench
+    row = {"benchmark": "GSM8K", "mode": "thinking", "metric": "avg@1", "score": 12.5, "ci": [0.0, 25.0],
+           "status": "ok", "note": "", "settings": "stand-in", "paper": {"axk1": 90.0}, "n": 2, "k": 1, "malformed": 0.5}
+    eval_bench.write_results([row, {**row, "mode": "non_thinking", "score": None, "status": "no data",
+                                    "note": "expected gsm8k.jsonl"}], run / "checkpoints" / "step-00000003" / "bench", "tiny")
+    assert subprocess.run(["make", "-s", "report", f"RUN={run}"], cwd=ROOT, capture_output=True).returncode == 0
+    md = (run / "report.md").read_text()
+    assert ("- [checkpoints/step-00000003/bench/results.md](checkpoints/step-00000003/bench/results.md): "
+            "2 (benchmark, mode) rows, 1 scored, 1 without data") in md, md
 
 
 def test_router_stats_per_layer_load_zero_experts_and_bias_norm():
