@@ -8,9 +8,12 @@ category or logger, never all warnings; anything not listed here still prints.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import warnings
+from pathlib import Path
 
 # (warning category, message regex): library warnings that say nothing about the run.
 KNOWN_WARNINGS = [
@@ -60,3 +63,38 @@ def quiet() -> None:
     for name, fragment in KNOWN_LOG_LINES:
         logging.getLogger(name).addFilter(_DropMessages(fragment))
     logging.getLogger().addFilter(_Rank0Info())  # torchtitan's logger is the root logger
+
+
+@contextlib.contextmanager
+def output_to(path: Path, tail_lines: int = 20):
+    """Run the block with this process's stdout and stderr (file descriptors 1 and 2, so child
+    processes and loguru sinks too) appended to `path`. For libraries whose console output is a
+    per-task log the kit keeps anyway (datatrove prints every task's banner, pipeline drawing and
+    stats table, which its own logs folder also holds): the stage prints one summary line instead.
+    If the block raises, the last `tail_lines` lines and the file's path reach the console."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    failed = False
+    try:
+        with open(path, "ab") as sink:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield path
+            except BaseException:
+                failed = True
+                raise
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+        if failed:
+            tail = path.read_text(errors="replace").splitlines()[-tail_lines:]
+            print("\n".join(tail + [f"(the whole output: {path})"]), file=sys.stderr, flush=True)

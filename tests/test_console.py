@@ -47,3 +47,35 @@ def test_info_lines_from_rank_0_only(monkeypatch):
     assert not rank0[0].filter(record(logging.INFO)) and rank0[0].filter(record(logging.WARNING))
     monkeypatch.setenv("RANK", "0")
     assert rank0[0].filter(record(logging.INFO))
+
+
+CAPTURE = """
+import subprocess, sys
+from pathlib import Path
+from loguru import logger
+from kit import console
+logger.remove(); logger.add(sys.stderr)  # a sink bound to sys.stderr, as datatrove adds one per task
+log = Path(sys.argv[1])
+print("before")
+with console.output_to(log):
+    print("stdout inside"); logger.info("loguru inside")
+    subprocess.run([sys.executable, "-c", "import sys; print('child out'); print('child err', file=sys.stderr)"])
+print("after")
+try:
+    with console.output_to(log, tail_lines=2):
+        print("line 1"); print("line 2"); print("line 3")
+        raise RuntimeError("the step failed")
+except RuntimeError:
+    print("caught")
+"""
+
+
+def test_output_to_sends_process_and_children_output_to_the_file_and_a_failure_shows_its_tail(tmp_path):
+    log = tmp_path / "logs" / "step.log"
+    p = subprocess.run([sys.executable, "-c", CAPTURE, str(log)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == ["before", "after", "caught"], p.stdout
+    assert p.stderr.splitlines() == ["line 2", "line 3", f"(the whole output: {log})"], p.stderr
+    kept = log.read_text()
+    for line in ("stdout inside", "loguru inside", "child out", "child err", "line 1"):
+        assert line in kept, (line, kept)
