@@ -16,6 +16,8 @@ import json
 import re
 import unicodedata
 
+from kit import ifbench_checks
+
 
 class Unsupported(KeyError):
     pass
@@ -125,6 +127,7 @@ CHECKS = {
     "change_case:english_lowercase": lambda t: t.islower() and in_language(t, "en"),
     "punctuation:no_comma": lambda t: "," not in t,
 }
+CHECKS |= ifbench_checks.CHECKS  # IFBench's own types: one registry for follows() and the left-out count
 
 
 def loose_variants(text: str) -> list[str]:
