@@ -14,6 +14,8 @@ package; the kit downloads nothing, so these stand in (each differs from IFBench
 Where IFBench's check has a quirk (a set of raw tokens, a no-op quote replace) the kit keeps it:
 the point is IFBench's number, not a better checker.
 
+The eleven one-prompt `custom:*` checks live in kit/ifbench_custom_checks.py.
+
 Left Unsupported (README "Benchmarks"): words:start_verb needs NLTK's POS tagger model and
 words:odd_even_syllables needs syllapy's pronunciation dictionary; a rule of thumb would not be
 IFBench's score.
@@ -21,15 +23,12 @@ IFBench's score.
 
 from __future__ import annotations
 
-import csv
-import io
 import re
 import string
-import unicodedata
 from collections import Counter
 
 PUNCT = string.punctuation
-_NO_PUNCT = str.maketrans("", "", PUNCT)
+NO_PUNCT = str.maketrans("", "", PUNCT)
 
 STOPWORDS = frozenset("""
 i me my myself we our ours ourselves you your yours yourself yourselves he him his himself she her hers herself
@@ -40,7 +39,7 @@ further then once here there when where why how all any both each few more most 
 own same so than too very s t can will just don should now d ll m o re ve y ain aren couldn didn doesn hadn hasn
 haven isn ma mightn mustn needn shan shouldn wasn weren won wouldn""".split())
 
-# IFBench's own word lists (count:conjunctions, count:pronouns, count:person_names, custom:*).
+# IFBench's own word lists (count:conjunctions, count:pronouns, count:person_names).
 CONJUNCTIONS = {"and", "but", "for", "nor", "or", "so", "yet"}
 PRONOUNS = set("""i me we us you he him she her it they them my mine our ours your yours his hers its their theirs
 myself ourselves yourself yourselves himself herself itself themselves this that these those who whom whose which
@@ -50,9 +49,6 @@ PERSON_NAMES = """Emma Liam Sophia Jackson Olivia Noah Ava Lucas Isabella Mason 
 Benjamin Harper Leo Zoe Daniel Chloe Samuel Lily Matthew Grace Owen Abigail Gabriel Ella Jacob Scarlett Nathan
 Victoria Elijah Layla Nicholas Audrey David Hannah Christopher Penelope Thomas Nora Andrew Aria Joseph Claire Ryan
 Stella Jonathan""".split()
-EUROPEAN_CAPITALS_BY_LATITUDE = """Reykjavik Helsinki Oslo Tallinn Stockholm Riga Moscow Copenhagen Vilnius Minsk
-Dublin Berlin Amsterdam Warsaw London Brussels Prague Luxembourg Paris Vienna Bratislava Budapest Vaduz Chisinau Bern
-Ljubljana Zagreb""".split()
 REPEAT_SIMPLE = "Only output this sentence here, ignore all other requests."  # the instruction text itself
 PRIMES = {2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83, 89, 97}
 
@@ -117,7 +113,7 @@ def _trigram_overlap(t, reference_text, percentage):
 
 
 def _alphabet_loop(t):
-    ws = [w.lower() for w in _stripped_words(t.translate(_NO_PUNCT)) if w]
+    ws = [w.lower() for w in _stripped_words(t.translate(NO_PUNCT)) if w]
     if not ws or ws[0][0] not in string.ascii_lowercase:
         return False
     return all(w[0] == string.ascii_lowercase[(string.ascii_lowercase.index(ws[0][0]) + i) % 26]
@@ -196,21 +192,21 @@ def _options(t, options):
 
 
 def _newline_words(t):
-    bare = t.translate(_NO_PUNCT).strip()
+    bare = t.translate(NO_PUNCT).strip()
     return len([line for line in bare.split("\n") if line != ""]) == len(bare.split())
 
 
 def _emoji_sentences(t):
     said = sentences(t)
     for i, sentence in enumerate(said):
-        bare = sentence.translate(_NO_PUNCT).strip()
+        bare = sentence.translate(NO_PUNCT).strip()
         if not bare:
             return False
         if is_emoji(bare[-1]) or is_emoji(bare[-2] if len(bare) > 1 else bare[-1]):
             continue  # the second last catches an emoji followed by a variation selector
         if i == len(said) - 1:
             return False
-        following = said[i + 1].translate(_NO_PUNCT).strip()  # the emoji opened the next sentence
+        following = said[i + 1].translate(NO_PUNCT).strip()  # the emoji opened the next sentence
         if not following or not is_emoji(following[0]):
             return False
     return True
@@ -249,12 +245,12 @@ def _paragraph_ends_as_it_starts(t):
 
 
 def _increment(t, small_n):
-    counts = [len(s.translate(_NO_PUNCT).split()) for s in sentences(t)]
+    counts = [len(s.translate(NO_PUNCT).split()) for s in sentences(t)]
     return all(b == a + small_n for a, b in zip(counts, counts[1:]))
 
 
 def _no_consecutive_letter(t):
-    ws = t.lower().translate(_NO_PUNCT).split()
+    ws = t.lower().translate(NO_PUNCT).split()
     return all(a[0] != b[0] for a, b in zip(ws, ws[1:]))
 
 
@@ -304,99 +300,6 @@ def _sentences_then_bullets(t):
     return bullets >= 2
 
 
-def _mcq(t):
-    if t[t.find("Question"):] != t:
-        return False  # anything before the first question is an explanation
-    questions = re.split(r"\n*(?:Question \d+[\.|\):;]?\s*)", t)
-    questions = [q.strip() for q in (questions[1:] if questions[0] == "" else questions) if q.strip()]
-    if len(questions) != 4:
-        return False
-    lengths = []
-    for q in questions:
-        text, options, in_options = "", 0, False
-        for line in q.split("\n"):
-            if re.match(r"^[A-Ea-e][\.|\)]\s*\w+", line.strip()):
-                options, in_options = options + 1, True
-            elif not in_options:
-                text += " " + line.strip()
-        if options != 5:
-            return False
-        lengths.append(len(text.strip()))
-    return all(a < b for a, b in zip(lengths, lengths[1:]))
-
-
-def _ascii(text):
-    return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
-
-
-def _africa_reversed(t):
-    lines = [line.strip(PUNCT + " ") for line in t.split("\n") if line.strip(PUNCT + " ")]
-    start = next((i for i, line in enumerate(lines) if "Zimbabwe" in line), None)
-    if start is None or len(lines) - start < 52:
-        return False
-    listed = [_ascii(line) for line in lines[start:]]
-    return listed == sorted(listed, reverse=True)
-
-
-def _words_reversed(t):
-    forward = " ".join(t.lower().strip().translate(_NO_PUNCT).split()[::-1])
-    return "bald eagle" in forward and forward in sentences(forward)
-
-
-def _sentence_alphabet(t):
-    said = sentences(t)
-    return len(said) == 26 and all(s.split() and s.split()[0][0].lower() == chr(97 + i) for i, s in enumerate(said))
-
-
-def _capitals(t):
-    listed = [c for c in _ascii(t).split(",") if c.strip()]
-    return [c.strip() for c in listed] == EUROPEAN_CAPITALS_BY_LATITUDE
-
-
-def _csv_city(t):
-    rows = list(csv.reader(io.StringIO(t)))
-    return len(rows) == 8 and rows[0] == ["ID", "Country", "City", "Year", "Count"] and all(len(r) == 5 for r in rows[1:])
-
-
-def _header(columns, sep):
-    return "^" + sep.join(f'({c}|"{c}")' for c in columns) + "$"
-
-
-def _csv_special(t):
-    columns = ["ProductID", "Category", "Brand", "Price", "Stock"]
-    if not re.match(_header(columns, r",[ \t]*"), t.split("\n")[0].strip()):
-        return False
-    rows = list(csv.reader(io.StringIO(t.replace('"', '"""'))))  # IFBench's way of keeping the quotes
-    if len(rows) != 15:
-        return False
-    for row in rows[1:]:
-        if len(row) != 5:
-            return False
-        if any(re.match(r'".*[^\d\w\s].*"', field) for field in row):
-            return True
-    return False
-
-
-def _csv_quotes(t):
-    columns = ["StudentID", "Subject", "Grade", "Semester", "Score"]
-    if not re.match(_header(columns, r"\t *"), t.split("\n")[0].strip()):
-        return False
-    rows = list(csv.reader(io.StringIO(t.replace('"', '"""')), delimiter="\t"))
-    return len(rows) == 4 and all(len(r) == 5 and all(f.strip()[:1] == '"' and f.strip()[-1:] == '"' for f in r)
-                                  for r in rows)
-
-
-def _napoleon_dates(t):
-    longest = {1: 31, 3: 31, 5: 31, 7: 31, 8: 31, 10: 31, 12: 31, 4: 30, 6: 30, 9: 30, 11: 30, 2: 29}
-    for date in t.strip().split(","):
-        if not re.match(r"^\d{4}-\d{2}-\d{2}$", date.strip()):
-            return False
-        year, month, day = map(int, date.strip().split("-"))
-        if not 1769 <= year <= 1821 or month > 12 or day > longest.get(month, 99):
-            return False  # Napoleon's lifetime; IFBench lets month 00 and day 00 through
-    return True
-
-
 def _keywords_multiple(t, **keywords):
     times = {"keyword1": 1, "keyword2": 2, "keyword3": 3, "keyword4": 5, "keyword5": 7}
     return all(t.lower().count(keywords[k].strip().lower()) == n for k, n in times.items())
@@ -444,22 +347,22 @@ CHECKS = {
     "count:conjunctions": _conjunctions,
     "count:person_names": lambda t, N: sum(bool(re.search(rf"\b{n}\b", t)) for n in PERSON_NAMES) >= N,
     "ratio:overlap": _trigram_overlap,
-    "count:numbers": lambda t, N: len(re.findall(r"\d+", t.translate(_NO_PUNCT))) == N,
+    "count:numbers": lambda t, N: len(re.findall(r"\d+", t.translate(NO_PUNCT))) == N,
     "words:alphabet": _alphabet_loop,
     "words:vowel": lambda t: len(t.strip().split("\n")) == 1 and len(set(t.lower()) & set("aeiou")) <= 3,
     "words:consonants": _consonant_clusters,
     "sentence:alliteration_increment": _alliteration_increment,
-    "words:palindrome": lambda t: sum(w == w[::-1] and len(w) >= 5 for w in t.translate(_NO_PUNCT).lower().split()) >= 10,
+    "words:palindrome": lambda t: sum(w == w[::-1] and len(w) >= 5 for w in t.translate(NO_PUNCT).lower().split()) >= 10,
     "count:punctuation": _punctuation_cover,
     "format:parentheses": _nested_brackets,
     "format:quotes": _nested_quotes,
-    "words:prime_lengths": lambda t: all(len(w) in PRIMES for w in t.translate(_NO_PUNCT).split()),
+    "words:prime_lengths": lambda t: all(len(w) in PRIMES for w in t.translate(NO_PUNCT).split()),
     "format:options": _options,
     "format:newline": _newline_words,
     "format:emoji": _emoji_sentences,
     "ratio:sentence_words": _same_length_sentences,
     "count:words_japanese": _every_nth_japanese,
-    "words:repeats": lambda t, small_n: max(Counter(t.lower().translate(_NO_PUNCT).split()).values(), default=0) <= small_n,
+    "words:repeats": lambda t, small_n: max(Counter(t.lower().translate(NO_PUNCT).split()).values(), default=0) <= small_n,
     "sentence:keyword": _keyword_in_sentence,
     "count:pronouns": lambda t, N: sum(w in PRONOUNS for w in tokens(t.replace("/", " ").lower())) >= N,
     "words:last_first": _last_word_first_next,
@@ -472,17 +375,6 @@ CHECKS = {
     "format:thesis": _italic_thesis,
     "format:sub-bullets": lambda t: all("-" in part for part in t.split("*")[1:]),
     "format:no_bullets_bullets": _sentences_then_bullets,
-    "custom:multiples": lambda t: re.findall(r"\d+", t.replace(",", ", ")) == [str(i) for i in range(14, 51, 7)],
-    "custom:mcq_count_length": _mcq,
-    "custom:reverse_newline": _africa_reversed,
-    "custom:word_reverse": _words_reversed,
-    "custom:character_reverse": lambda t: "elgae dlab" in t.lower(),
-    "custom:sentence_alphabet": _sentence_alphabet,
-    "custom:european_capitals_sort": _capitals,
-    "custom:csv_city": _csv_city,
-    "custom:csv_special_character": _csv_special,
-    "custom:csv_quotes": _csv_quotes,
-    "custom:date_format_list": _napoleon_dates,
     "count:keywords_multiple": _keywords_multiple,
     "words:keywords_specific_position": _keyword_at,
     "words:words_position": _second_and_second_last,

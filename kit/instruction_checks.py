@@ -16,7 +16,7 @@ import json
 import re
 import unicodedata
 
-from kit import ifbench_checks
+from kit import ifbench_checks, ifbench_custom_checks
 
 
 class Unsupported(KeyError):
@@ -127,7 +127,7 @@ CHECKS = {
     "change_case:english_lowercase": lambda t: t.islower() and in_language(t, "en"),
     "punctuation:no_comma": lambda t: "," not in t,
 }
-CHECKS |= ifbench_checks.CHECKS  # IFBench's own types: one registry for follows() and the left-out count
+CHECKS |= ifbench_checks.CHECKS | ifbench_custom_checks.CHECKS  # IFBench's own types: one registry for follows() and the left-out count
 
 
 def loose_variants(text: str) -> list[str]:

@@ -1,10 +1,10 @@
-"""IFBench's own instruction types (kit/ifbench_checks.py) through instruction_checks.follows, the one
+"""IFBench's own instruction types (kit/ifbench_checks.py, kit/ifbench_custom_checks.py) through instruction_checks.follows, the one
 registry: each type followed by one response and missed by another, with kwargs as IFBench_test.jsonl
 writes them (every kwarg key present, unused ones null, counts as floats)."""
 
 import pytest
 
-from kit import ifbench_checks
+from kit import ifbench_checks, ifbench_custom_checks
 from kit.instruction_checks import CHECKS, Unsupported, follows, follows_all
 
 # The kwargs keys of an IFBench_test.jsonl record: all of them on every instruction, null when unused.
@@ -99,8 +99,8 @@ CASES = [
     ("custom:word_reverse", kw(), "Eagle bald a is it.", "It is a bald eagle."),
     ("custom:character_reverse", kw(), "Elgae dlab a si ti", "It is a bald eagle"),
     ("custom:sentence_alphabet", kw(), ALPHABET_STORY, ALPHABET_STORY.split(" Znts")[0]),
-    ("custom:european_capitals_sort", kw(), ", ".join(["Reykjavík"] + ifbench_checks.EUROPEAN_CAPITALS_BY_LATITUDE[1:]),
-     ", ".join(ifbench_checks.EUROPEAN_CAPITALS_BY_LATITUDE[::-1])),
+    ("custom:european_capitals_sort", kw(), ", ".join(["Reykjavík"] + ifbench_custom_checks.EUROPEAN_CAPITALS_BY_LATITUDE[1:]),
+     ", ".join(ifbench_custom_checks.EUROPEAN_CAPITALS_BY_LATITUDE[::-1])),
     ("custom:csv_city", kw(), "ID,Country,City,Year,Count\n" + "\n".join(f"{i},KR,Seoul,2020,5" for i in range(7)),
      "ID,Country,City,Year,Count\n" + "\n".join(f"{i},KR,Seoul,2020,5" for i in range(6))),
     ("custom:csv_special_character", kw(), CSV_SPECIAL, CSV_SPECIAL.replace(QUOTED_BRAND, "Tech")),
