@@ -6,7 +6,8 @@ same \\w+ tokenizer; its sentence splitter is a regex too, NLTK only served its 
 
 strict: the response as given (IFEval prompt-strict). loose (IFBench prompt-loose, IFEval's loose
 metric): an instruction counts as followed if any of 8 variants passes (first/last line removed,
-markdown `*` removed). An instruction id the kit has no check for raises Unsupported: the item is
+markdown `*` removed). IFBench's own types (kit/ifbench_checks.py, kit/ifbench_custom_checks.py) join
+the same CHECKS registry. An instruction id the kit has no check for raises Unsupported: the item is
 left out of the score and counted in the row (README "Benchmarks"), never scored silently.
 """
 
