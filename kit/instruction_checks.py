@@ -13,6 +13,7 @@ left out of the score and counted in the row (README "Benchmarks"), never scored
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import unicodedata
@@ -142,6 +143,10 @@ def follows(text: str, instruction: str, kwargs: dict, strict: bool) -> bool:
         raise Unsupported(instruction)
     args = {k: v for k, v in (kwargs or {}).items() if v is not None}
     check = CHECKS[instruction]
+    try:
+        inspect.signature(check).bind("", **args)
+    except TypeError as e:  # IFEval/IFBench draw a missing kwarg at random; a scored file must carry it
+        raise ValueError(f"{instruction}: kwargs {sorted(args)} do not fit its check ({e})") from None
     candidates = [text] if strict else loose_variants(text)
     return any(v.strip() and check(v, **args) for v in candidates)
 

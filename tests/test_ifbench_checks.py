@@ -148,3 +148,8 @@ def test_tokens_and_sentences_stand_in_for_nltk():
                                                                    "'s", "."]
     assert ifbench_checks.sentences("Hi there. How are you?\nFine! \"Yes.\" Done") == [
         "Hi there.", "How are you?", "Fine!", "\"Yes.\"", "Done"]
+
+
+def test_missing_kwargs_name_the_instruction():
+    with pytest.raises(ValueError, match=r"count:word_count_range: kwargs \['min_words'\] do not fit its check"):
+        follows("one two", "count:word_count_range", kw(min_words=1.0), strict=True)
