@@ -50,7 +50,7 @@ def make_bench_files(root: Path) -> None:
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     (root / "click.json").write_text(json.dumps([{"id": "c1", "paragraph": "글", "question": "답은?",
                                                   "choices": ["가", "나", "다", "라"], "answer": "다"}] * 2))
-    (root / "kobalt.jsonl").write_text(json.dumps({"Question": "고르시오.\nA. x\nB. y\nC. z", "Answer": "C"}) + "\n")
+    (root / "kobalt.jsonl").write_text(json.dumps({"question": "고르시오.\nA. x\nB. y\nC. z", "answer": "C"}) + "\n")
     (root / "mmlu_pro.jsonl").write_text(json.dumps({"question": "Pick J", "options": list("abcdefghij"), "answer": "J"}) + "\n")
     with (root / "gpqa_diamond.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, ["Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3"])
