@@ -6,15 +6,19 @@ same \\w+ tokenizer; its sentence splitter is a regex too, NLTK only served its 
 
 strict: the response as given (IFEval prompt-strict). loose (IFBench prompt-loose, IFEval's loose
 metric): an instruction counts as followed if any of 8 variants passes (first/last line removed,
-markdown `*` removed). An instruction id the kit has no check for raises Unsupported: the item is
+markdown `*` removed). IFBench's own types (kit/ifbench_checks.py, kit/ifbench_custom_checks.py) join
+the same CHECKS registry. An instruction id the kit has no check for raises Unsupported: the item is
 left out of the score and counted in the row (README "Benchmarks"), never scored silently.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import unicodedata
+
+from kit import ifbench_checks, ifbench_custom_checks
 
 
 class Unsupported(KeyError):
@@ -125,6 +129,7 @@ CHECKS = {
     "change_case:english_lowercase": lambda t: t.islower() and in_language(t, "en"),
     "punctuation:no_comma": lambda t: "," not in t,
 }
+CHECKS |= ifbench_checks.CHECKS | ifbench_custom_checks.CHECKS  # IFBench's own types: one registry for follows() and the left-out count
 
 
 def loose_variants(text: str) -> list[str]:
@@ -138,6 +143,10 @@ def follows(text: str, instruction: str, kwargs: dict, strict: bool) -> bool:
         raise Unsupported(instruction)
     args = {k: v for k, v in (kwargs or {}).items() if v is not None}
     check = CHECKS[instruction]
+    try:
+        inspect.signature(check).bind("", **args)
+    except TypeError as e:  # IFEval/IFBench draw a missing kwarg at random; a scored file must carry it
+        raise ValueError(f"{instruction}: kwargs {sorted(args)} do not fit its check ({e})") from None
     candidates = [text] if strict else loose_variants(text)
     return any(v.strip() and check(v, **args) for v in candidates)
 

@@ -50,7 +50,7 @@ def make_bench_files(root: Path) -> None:
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     (root / "click.json").write_text(json.dumps([{"id": "c1", "paragraph": "글", "question": "답은?",
                                                   "choices": ["가", "나", "다", "라"], "answer": "다"}] * 2))
-    (root / "kobalt.jsonl").write_text(json.dumps({"Question": "고르시오.\nA. x\nB. y\nC. z", "Answer": "C"}) + "\n")
+    (root / "kobalt.jsonl").write_text(json.dumps({"question": "고르시오.\nA. x\nB. y\nC. z", "answer": "C"}) + "\n")
     (root / "mmlu_pro.jsonl").write_text(json.dumps({"question": "Pick J", "options": list("abcdefghij"), "answer": "J"}) + "\n")
     with (root / "gpqa_diamond.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, ["Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3"])
@@ -62,7 +62,11 @@ def make_bench_files(root: Path) -> None:
              "instruction_id_list": ["detectable_format:title", "punctuation:no_comma"], "kwargs": [{}, {}]}
     for name in ("ifeval", "ifeval_ko"):
         (root / f"{name}.jsonl").write_text((json.dumps(instr) + "\n") * 2)
-    ifbench = [instr, {"key": 2, "prompt": "Count", "instruction_id_list": ["count:word_count_range"], "kwargs": [{}]}]
+    nulls = dict.fromkeys(["N", "max_words", "min_words", "options", "percentage", "sep", "small_n", "word"])
+    ifbench = [instr,  # IFBench_test.jsonl writes every kwarg key on every instruction, null when unused
+               {"key": "2", "prompt": "One to three words, no whitespace.", "kwargs": [nulls, {**nulls, "min_words": 1.0, "max_words": 3.0}],
+                "instruction_id_list": ["format:no_whitespace", "count:word_count_range"]},
+               {"key": "3", "prompt": "Start with a verb.", "instruction_id_list": ["words:start_verb"], "kwargs": [nulls]}]
     (root / "ifbench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ifbench))
     for name in ("aime25", "aime25_ko"):
         (root / f"{name}.jsonl").write_text("".join(json.dumps({"problem": f"{a}*2?", "answer": str(2 * a)}) + "\n"
@@ -167,9 +171,13 @@ def test_ifeval_strict(bench, key):
 
 
 def test_ifbench_loose_and_unchecked_instructions_are_counted(bench):
-    row, _ = scored(bench, "ifbench", "thinking", [lambda i, it: THINK_OK + "Sure, here:\n<<Title>>\nbody"])
-    assert row["score"] == 100.0 and row["n"] == 1  # loose: without its first line the answer follows both
-    assert row["note"] == "left out (no kit check): count:word_count_range x1"
+    def answer(compact):
+        return lambda i, it: THINK_OK + ("Sure, here:\n<<Title>>\nbody" if "detectable_format:title" in it["instructions"]
+                                         else "Sure, here:\n" + ("NoSpaces" if compact else "Some spaces here"))
+    row, _ = scored(bench, "ifbench", "thinking", [answer(True)])
+    assert row["score"] == 100.0 and row["n"] == 2  # loose: without its first line each answer follows all
+    assert row["note"] == "left out (no kit check): words:start_verb x1"
+    assert scored(bench, "ifbench", "thinking", [answer(False)])[0]["score"] == 50.0  # whitespace: IFBench's item missed
 
 
 @pytest.mark.parametrize("key", ["humaneval_plus", "humaneval_plus_ko"])
