@@ -45,11 +45,27 @@ def per_prompt(row: dict, key: str) -> list[float] | None:
     return [sum(x) / len(x) for x in zip(*cols)]
 
 
-def paired(rows: dict, a: str, b: str, key: str) -> tuple[float, float, float] | None:
-    """Mean over prompts of a - b for the sampled `key` (mean over modes), with its paired
-    bootstrap 95% interval; None when either row has no sampled figures."""
+def paired(rows: dict, a: str, b: str, key: str, keep: list[bool] | None = None) -> tuple[float, float, float] | None:
+    """Mean over prompts (those where `keep` is true, if given) of a - b for the sampled `key` (mean
+    over modes), with its paired bootstrap 95% interval; None when either row has no sampled figures."""
     x, y = per_prompt(rows[a], key), per_prompt(rows[b], key)
-    return None if x is None or y is None else bootstrap_ci(x, BOOT, SEED, baseline=y)
+    if x is None or y is None:
+        return None
+    if keep is not None:
+        x, y = [v for v, k in zip(x, keep) if k], [v for v, k in zip(y, keep) if k]
+    return bootstrap_ci(x, BOOT, SEED, baseline=y)
+
+
+def rl_by_domain(rows: dict, domains: list[str]) -> list[str]:
+    """RL - MOD sampled reward per domain: RL trains on instruction following only (paper 4.1), so
+    its gain there and its drift elsewhere are read apart."""
+    if not domains or "RL" not in rows or "MOD" not in rows or paired(rows, "RL", "MOD", "reward") is None:
+        return []
+    lines = ["| domain | prompts | RL - MOD sampled reward [95% CI] |", "|---|---|---|"]
+    for d in sorted(set(domains)):
+        diff, lo, hi = paired(rows, "RL", "MOD", "reward", [x == d for x in domains])
+        lines.append(f"| {d} | {domains.count(d)} | {diff:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
+    return lines
 
 
 def read_jsonl(p: Path) -> list[dict]:
@@ -74,7 +90,8 @@ def mean_over_modes(row: dict, key: str) -> float:
     return sum(v[key] for v in modes) / len(modes)
 
 
-def claims(rows: dict) -> list[str]:
+def claims(rows: dict, domains: list[str]) -> list[str]:
+    """The claims checked against the evaluation; `domains` is each held-out prompt's domain."""
     out = []
 
     def say(ok: bool, text: str):
@@ -108,6 +125,12 @@ def claims(rows: dict) -> list[str]:
             say(d[1] > 0, f"RL's sampled held-out reward is above MOD's: difference {d[0]:+.3f} "
                 f"[{d[1]:+.3f}, {d[2]:+.3f}] (paired bootstrap 95% interval over prompts, mean over modes; "
                 f"greedy {mean_over_modes(rows['RL'], 'reward'):+.3f} vs {mean_over_modes(rows['MOD'], 'reward'):+.3f})")
+        if "Instruction Following" in domains:
+            d = paired(rows, "RL", "MOD", "reward", [x == "Instruction Following" for x in domains])
+            if d is not None:
+                say(d[1] > 0, f"on instruction-following prompts (RL's only training domain, paper 4.1) RL's sampled "
+                    f"reward is above MOD's: difference {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}] "
+                    f"({domains.count('Instruction Following')} prompts)")
         d = paired(rows, "RL", "MOD", "accuracy")
         if d is not None:
             say(d[1] > 0, f"RL's sampled held-out accuracy is above MOD's: difference {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]")
@@ -174,7 +197,8 @@ def main() -> None:
     ex = "\n".join(f"- {s['checkpoint']} / {s['mode']}: `{s['output'][:120]!r}` "
                    f"({'well formed' if s['well_formed'] else 'malformed: ' + s['reason']}; reward {s['reward']:+.2f})"
                    for s in samples if s["checkpoint"] in ("merged", "MOD", "RL"))[:4000]
-    verdicts = claims(rows)
+    domains = ev.get("prompt_domains", [])
+    verdicts = claims(rows, domains)
     text = (f"# Smoke report ({a.model})\n\n{elapsed}"
             f"Held-out prompts: {ev['prompts']} (never trained on), each asked in both modes (prompt + `<think>` / "
             f"prompt + `</think>`, paper 4.4); greedy decoding, at most {ev['max_new_tokens']} new tokens. "
@@ -186,6 +210,7 @@ def main() -> None:
             + "\n".join(lines)
             + "\n\n## Accuracy by domain (Table 3's rows; greedy, the verifier of each task: exact answer, "
             "instruction checks, the tool call's result)\n\n" + "\n".join(domain_table(rows))
+            + "\n\n" + "\n".join(rl_by_domain(rows, domains))
             + "\n\n## Claims (measured)\n\n" + "\n".join(verdicts)
             + "\n\n## Curves\n\n![training curves](training_curves.png)\n\n## Sample outputs (merged, MOD, RL)\n\n"
             "The first held-out prompts, greedy. Well formed means the mode's format is right, not that the answer "

@@ -191,7 +191,7 @@ def run(cfg: DictConfig) -> dict:
                             if "sampled_reward" in v else "")
                          for m, v in rows[label].items() if isinstance(v, dict))
         print(f"[evaluate] {label:9s} {line}", flush=True)
-    result = {"prompts": len(records), "data": report, "max_new_tokens": cfg.max_new_tokens,
+    result = {"prompts": len(records), "prompt_domains": [r["domain"] for r in records], "data": report, "max_new_tokens": cfg.max_new_tokens,
               "temperature": cfg.temperature, "rows": rows}
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
     with (out_dir / "samples.jsonl").open("w") as f:

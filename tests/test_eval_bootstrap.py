@@ -50,9 +50,25 @@ def test_rl_claims_need_the_interval_to_exclude_zero():
     mod = row(base, [0.2] * 48, 1.0)
     better = row([b + 0.2 + rng.gauss(0, 0.05) for b in base], [0.2] * 48, 1.05)
     noisy = row([b + rng.gauss(0, 0.5) for b in base], [0.25] * 48, 1.2)   # no real gain
-    lines = S.claims({"MOD": mod, "RL": better})
+    lines = S.claims({"MOD": mod, "RL": better}, [])
     assert claim(lines, "sampled held-out reward is above MOD's")
     assert claim(lines, "no more frequent than MOD's") and claim(lines, "at most 10% above MOD's")
-    lines = S.claims({"MOD": mod, "RL": noisy})
+    lines = S.claims({"MOD": mod, "RL": noisy}, [])
     assert not claim(lines, "sampled held-out reward is above MOD's")
     assert not claim(lines, "no more frequent than MOD's") and not claim(lines, "at most 10% above MOD's")
+
+
+def test_rl_gain_on_its_training_domain_is_read_apart_from_drift_elsewhere():
+    # RL trains on instruction following only (paper 4.1): +0.4 there, -0.3 on math; overall ~0
+    rng = random.Random(3)
+    domains = ["Instruction Following"] * 20 + ["Math"] * 28
+    base = [rng.uniform(-2, 0) for _ in domains]
+    shifted = [b + (0.4 if d == "Instruction Following" else -0.3) + rng.gauss(0, 0.05) for b, d in zip(base, domains)]
+    mod, rl_row = row(base, [0.2] * 48, 1.0), row(shifted, [0.2] * 48, 1.0)
+    lines = S.claims({"MOD": mod, "RL": rl_row}, domains)
+    assert not claim(lines, "sampled held-out reward is above MOD's")
+    assert claim(lines, "on instruction-following prompts")
+    table = S.rl_by_domain({"MOD": mod, "RL": rl_row}, domains)
+    gains = {x.split(" | ")[0][2:]: float(x.split(" | ")[2].split()[0]) for x in table[2:]}
+    assert gains["Instruction Following"] == pytest.approx(0.4, abs=0.05) and gains["Math"] == pytest.approx(-0.3, abs=0.05)
+    assert not any("instruction-following" in x for x in S.claims({"MOD": mod, "RL": rl_row}, []))
