@@ -28,7 +28,6 @@ from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.filters.gopher_repetition_filter import GopherRepetitionFilter
 from datatrove.utils.word_tokenizers import WordTokenizer
 
-from kit.progress_bar import progress
 
 _WORD = re.compile(r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]+|[\u4e00-\u9fff\u3400-\u4dbf]|"
                    r"[\u3040-\u30ff\u30fc]+|[^\W\d_]+|\d+", re.UNICODE)
@@ -277,10 +276,21 @@ class HashedLinear:
                 opt.step()
         return self
 
+    def save(self, path) -> None:
+        torch.save({"labels": self.labels, "dim": self.dim, "weight": self.emb.weight.data, "bias": self.bias.data}, path)
+
+    @classmethod
+    def load(cls, path) -> "HashedLinear":
+        st = torch.load(path, weights_only=True)
+        clf = cls(st["labels"], dim=st["dim"])
+        clf.emb.weight.data.copy_(st["weight"])
+        clf.bias.data.copy_(st["bias"])
+        return clf
+
     @torch.no_grad()
     def predict_proba(self, texts: list[str]) -> np.ndarray:
         out = []
-        for i in progress(range(0, len(texts), 256), desc="[curate] classify (256 docs each)", unit="batch"):
+        for i in range(0, len(texts), 256):
             flat, off = self._bags(texts[i:i + 256])
             out.append(torch.softmax(self.emb(flat, off) + self.bias, -1).numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)))
@@ -300,8 +310,7 @@ class HFEncoder:
     @torch.no_grad()
     def predict_proba(self, texts: list[str]) -> np.ndarray:
         out = []
-        for i in progress(range(0, len(texts), self.batch_size), desc=f"[curate] classify ({self.batch_size} docs each)",
-                          unit="batch"):
+        for i in range(0, len(texts), self.batch_size):
             enc = self.tok(texts[i:i + self.batch_size], truncation=True, max_length=self.max_length,
                            padding=True, return_tensors="pt")
             out.append(torch.softmax(self.model(**enc).logits.float(), -1).numpy())
@@ -338,6 +347,13 @@ def build_classifier(cfg: dict, train_texts: list[str], train_labels: list[str],
             raise SystemExit(f"{cfg['path']}: encoder labels {clf.labels} != expected {labels}")
         return clf
     raise SystemExit(f"classifier kind={kind!r}: use hashed_linear or hf_encoder")
+
+
+def load_classifier(cfg: dict, model_file):
+    """The applying side of build_classifier: the trained model saved in the work folder, or the encoder."""
+    if cfg.get("kind", "hashed_linear") == "hf_encoder":
+        return HFEncoder(cfg["path"], int(cfg.get("max_length", 512)))
+    return HashedLinear.load(model_file)
 
 
 def difficulty_score(text: str) -> float:
