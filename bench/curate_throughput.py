@@ -32,7 +32,7 @@ def write_corpus(dc: dict, folder: Path, copies: int) -> dict:
     import data as D
 
     folder.mkdir(parents=True, exist_ok=True)
-    files = {kind: [open(folder / f"{kind}_{c:02d}_{i:02d}.jsonl", "w") for c in range(copies)
+    files = {kind: [open(folder / f"{kind}.{c:02d}_{i:02d}.jsonl", "w") for c in range(copies)
                     for i in range(FILES_PER_COPY)] for kind in ("bench", "bench_templated")}
     n = 0
     for name, src in dc["sources"].items():
@@ -45,7 +45,7 @@ def write_corpus(dc: dict, folder: Path, copies: int) -> dict:
             n += 1
     for f in files["bench"] + files["bench_templated"]:
         f.close()
-    return {kind: {"kind": "jsonl", "paths": [str(folder / f"{kind}_*.jsonl")], "lang": "en", "category": "Web",
+    return {kind: {"kind": "jsonl", "paths": [str(folder / f"{kind}.*.jsonl")], "lang": "en", "category": "Web",
                    **({"dedup": False} if kind == "bench_templated" else {})} for kind in files}
 
 
@@ -63,6 +63,9 @@ def run_one(spec: dict) -> dict:
     dc.update(root=str(out / "data"), work_dir=str(out / "work"), sources=spec["sources"],
               executor={"kind": "local", "tasks": spec["tasks"], "workers": spec["tasks"]})
     dc["filters"]["repetition"]["skip_sources"] = ["bench_templated"]
+    # Training samples the 1x corpus already fills, so 1x and 4x train on the same sample size: the
+    # sample caps (quality.train_docs per language, this per category) bound a task's memory.
+    dc["domain"]["train_docs_per_category"] = 200
     curate.prepare_work(out / "work", resume=False)
     t0 = time.perf_counter()
     curate.curation_chain(dc, out / "work").run()

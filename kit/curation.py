@@ -14,7 +14,6 @@ fine-tunes its Korean long-context encoder, 3.1) from a local path.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import random
 import re
@@ -232,16 +231,16 @@ def apply_filters(docs: list[Document], filters: list[BaseFilter], drops: dict) 
 # --------------------------------------------------------------------------------------------
 # Classifiers.
 # --------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=50_000)  # quality and domain models hash the same documents
-def _features(text: str, dim: int) -> list[int]:
+def _features(text: str, dim: int) -> np.ndarray:
     # The first 2,000 characters decide: classifiers judge a document by its opening (as an
     # encoder with a context limit would). crc32 is deterministic across processes, unlike hash().
+    # An int32 array (4 bytes a feature, not a Python int's 36): training holds one per sample text.
     s = text[:2000]
     words = [w.lower() for w in WORDS.word_tokenize(s)]
     # word bigrams carry word order (word salad has none of the common ones); unigrams add topic
     grams = [a + " " + b for a, b in zip(words, words[1:])] + words[::4]
     grams += [s[i:i + 3] for i in range(0, max(0, len(s) - 2), 2)]  # char trigrams: scripts, symbols, code
-    return [zlib.crc32(g.encode("utf-8", "surrogatepass")) % dim for g in grams] or [0]
+    return np.array([zlib.crc32(g.encode("utf-8", "surrogatepass")) % dim for g in grams] or [0], dtype=np.int32)
 
 
 class HashedLinear:
@@ -257,7 +256,7 @@ class HashedLinear:
     def _bags(self, texts=None, feats=None):
         feats = feats if feats is not None else [_features(t[:2000], self.dim) for t in texts]
         offsets = torch.tensor([0] + [len(f) for f in feats[:-1]]).cumsum(0)
-        return torch.tensor([i for f in feats for i in f]), offsets
+        return torch.from_numpy(np.concatenate(feats).astype(np.int64)), offsets
 
     def fit(self, texts: list[str], labels: list[str]) -> "HashedLinear":
         y = torch.tensor([self.labels.index(l) for l in labels])

@@ -20,6 +20,7 @@ re-run with data.resume=true skips them and runs only what is missing.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -39,10 +40,8 @@ def _executor(ex_cfg: dict, pipeline: list, tasks: int, name: str, work: Path, d
 
     logs = str(work / "logs" / name)
     if ex_cfg.get("kind", "local") == "local":
-        # spawn, not fork: a child forked after this process trained a model with torch hangs in
-        # torch's thread pool (the quality step did, every time, with 2 workers)
         return LocalPipelineExecutor(pipeline, tasks=tasks, workers=min(tasks, int(ex_cfg.get("workers", 1))),
-                                     logging_dir=logs, depends=depends, start_method="spawn")
+                                     logging_dir=logs, depends=depends, start_method="fork")
     return SlurmPipelineExecutor(pipeline, tasks=tasks, job_name=f"axk1-{name}", logging_dir=logs, depends=depends,
                                  time=ex_cfg["time"], partition=ex_cfg["partition"],
                                  cpus_per_task=int(ex_cfg.get("cpus_per_task", 1)),
@@ -96,6 +95,13 @@ def dedup_chain(dc: dict, ex: dict, tasks: int, work: Path):
 
 def curation_chain(dc: dict, work: Path):
     """The whole chain; returns its last executor (running it runs or submits what is missing)."""
+    import torch
+
+    # One thread per task: the parallelism is across tasks. It also keeps forked workers safe: a
+    # child forked after torch ran on its OpenMP pool here (the 1-task training steps run in this
+    # process) hangs in that pool; with one thread the pool is never started.
+    torch.set_num_threads(1)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # likewise for HF tokenizers' thread pool
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
 
@@ -128,7 +134,7 @@ def curation_chain(dc: dict, work: Path):
                           *([S.ApplyDomain(dm, str(models / "domain.pt"))] if dm.get("enabled", True) else []),
                           S.TokenizePartition(dc["tokenizer_dir"], str(work / "tokens"), categories,
                                               int(dc.get("curriculum_buckets", 4)), dc["stage_select"],
-                                              int(dc.get("tokenize_batch_docs", 4096)))],
+                                              int(dc.get("tokenize_batch_docs", 256)))],
                      tasks, "tokenize", work, depends=last)
     return _executor(ex, [MixStages(dc)], 1, "mix", work, depends=last)
 
