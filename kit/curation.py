@@ -183,6 +183,10 @@ class ExactDedupFilter(BaseFilter):
         super().__init__()
         self.seen: set[bytes] = set()
 
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        self.seen = set()  # per task, also when one process runs several tasks in turn
+        yield from super().run(data, rank, world_size)
+
     def filter(self, doc: Document):
         h = hashlib.blake2b(" ".join(doc.text.lower().split()).encode("utf-8", "surrogatepass"), digest_size=16).digest()
         if h in self.seen:
