@@ -29,7 +29,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import data as D
-from kit import curation
+from kit import curation, preflight
 from kit import curation_steps as S
 from kit.curation_mix import MixStages
 
@@ -155,14 +155,23 @@ def report(root: Path) -> None:
 def main(cfg: DictConfig) -> None:
     t0 = time.time()
     dc = OmegaConf.to_container(cfg.data, resolve=True)
-    work = Path(dc["work_dir"])
+    work, root = Path(dc["work_dir"]), Path(dc["root"])
+    if jid := preflight.pending_data_job(root):  # a fresh run would delete the queued jobs' work folder
+        raise SystemExit(f"[curate] Slurm job {jid} of an earlier submission still writes {root}: wait for it, "
+                         f"or `scancel` it and re-run")
     prepare_work(work, bool(dc.get("resume", False)))
+    (root / "slurm_job.json").unlink(missing_ok=True)
     last = curation_chain(dc, work)
     last.run()
     if last.get_incomplete_ranks():  # Slurm: the job arrays were submitted, chained with afterok
-        raise SystemExit(f"[curate] datatrove jobs submitted (logs in {work / 'logs'}); the last one writes "
-                         f"{dc['root']}/<stage>/manifest.json. After a failure, re-run with data.resume=true")
-    report(Path(dc["root"]))
+        # The packing job's id, for the pre-training chain to wait on (launcher.py, afterok)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "slurm_job.json").write_text(json.dumps({"job_id": str(last.job_id)}))
+        print(f"[curate] datatrove jobs submitted (logs in {work / 'logs'}); job {last.job_id} writes "
+              f"{root}/<stage>/manifest.json, and `make pretrain LAUNCHER=slurm` waits for it. After a failure, "
+              "re-run with data.resume=true", flush=True)
+        return
+    report(root)
     print(f"[curate] done in {time.time() - t0:.1f}s", flush=True)
 
 

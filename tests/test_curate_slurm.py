@@ -13,9 +13,7 @@ from conftest import ROOT, child_env
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 STAGES = ("pretrain_s1", "pretrain_s2", "pretrain_s3")
-SLURM = ["data.executor.kind=slurm", "data.executor.tasks=2", "+data.executor.partition=debug",
-         '+data.executor.time="00:30:00"', "+data.executor.mem_per_cpu_gb=2",
-         f"+data.executor.venv_path={Path(sys.executable).parent / 'activate'}"]
+SLURM = ["data.executor.kind=slurm", "data.executor.tasks=2"]  # conf/data/tiny.yaml: the local cluster's partition
 TIMEOUT = 420
 
 
@@ -32,7 +30,7 @@ def curate(out: Path, *overrides: str) -> str:
                         f"hydra.run.dir={out}/hydra", *overrides], cwd=ROOT, env=child_env(),
                        capture_output=True, text=True, timeout=TIMEOUT)
     text = p.stdout + p.stderr
-    if "kind=slurm" in " ".join(overrides):  # returns once submitted, saying so
+    if "data.executor.kind=slurm" in overrides:  # returns once submitted, saying so
         assert "datatrove jobs submitted" in text, text[-3000:]
     else:
         assert p.returncode == 0, text[-3000:]
@@ -79,3 +77,23 @@ def test_killed_slurm_curation_resumes_to_the_uninterrupted_output(tmp_path, tin
     assert again and len(again) < 11
     wait_for(lambda: not queued(again), "the resumed jobs")
     assert shard_hashes(out) == shard_hashes(ref)
+
+
+@pytest.mark.skipif(not cluster_up(), reason="no Slurm cluster answers (scripts/slurm_local.sh up)")
+def test_pretraining_chain_waits_for_the_curation_jobs(tmp_path, tiny_data):
+    """`make data LAUNCHER=slurm` then `make pretrain LAUNCHER=slurm`, without waiting in between:
+    the first pre-training job depends (afterok) on the job that writes the manifests."""
+    data = tmp_path / "data"
+    curate(data, *SLURM)
+    mix = (data / "slurm_job.json").read_text()
+    mix_id = re.search(r'"job_id": "(\d+)"', mix)[1]
+    assert queued([mix_id])
+    p = subprocess.run([sys.executable, "launcher.py", "chain", "pretrain:pretrain_s1", "launcher=slurm",
+                        f"data.root={data}", f"paths.runs={tmp_path / 'runs'}", "stage.budget.tiny.tokens=6144",
+                        "stage.budget.tiny.batch_start=8", "stage.budget.tiny.batch_end=8",
+                        "stage.budget.tiny.batch_increment=0", "--wait"],
+                       cwd=ROOT, env=child_env(HYDRA_FULL_ERROR="1"), capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert re.search(rf"pretrain_s1\t\d+\tafterok:{mix_id}\t", p.stdout), p.stdout
+    assert (data / "pretrain_s1" / "manifest.json").is_file()
+    assert (tmp_path / "runs" / "tiny" / "pretrain_s1" / "DONE.json").is_file()
