@@ -86,8 +86,10 @@ layout_of = $(if $(filter pretrain_s3_16k,$(1)),$(PARALLEL_16K),$(if $(filter pr
 
 # The launcher composes and checks every stage (config, command line, inputs) once, before any
 # rank starts: a mistake is one line per problem. Locally it runs the stages one after another
-# with torchrun (NPROC, if given, sets the ranks); on Slurm it submits them chained with afterok.
-pretrain: setup $(if $(filter tiny,$(MODEL)),artifacts/data/tiny/pretrain_s3/manifest.json) ## 3 Pre-training (paper 3)|stages 1 -> 2 -> 3 (16K) -> 3 (32K) (MODEL HARDWARE PARALLEL NPROC LAUNCHER WAIT ARGS)
+# with torchrun (NPROC, if given, sets the ranks); on Slurm it submits them chained with afterok,
+# the first stage after the data jobs of `make data LAUNCHER=slurm` if they are still queued
+# (<data.root>/slurm_job.json), so with LAUNCHER=slurm the tiny data is not a make prerequisite.
+pretrain: setup $(if $(filter tiny,$(MODEL)),$(if $(filter slurm,$(LAUNCHER)),,artifacts/data/tiny/pretrain_s3/manifest.json)) ## 3 Pre-training (paper 3)|stages 1 -> 2 -> 3 (16K) -> 3 (32K) (MODEL HARDWARE PARALLEL NPROC LAUNCHER WAIT ARGS)
 	@$(PYTHON) launcher.py chain $(foreach s,$(PRETRAIN_STAGES),pretrain:$(s),parallelism=$(call layout_of,$(s))) \
 	  launcher=$(LAUNCHER) $(STAGE_ARGS) $(NPROC_ARG) $(if $(WAIT),--wait)
 
@@ -141,8 +143,8 @@ tokenizer: setup ## 2 Data (paper 2.3, 3.1)|train the tokenizer (TOKENIZER=tiny 
 tokenizer-report: setup ## 2 Data (paper 2.3, 3.1)|the tokenizer's Table 6 efficiency report
 	$(PYTHON) stages/train_tokenizer.py tokenizer=$(TOKENIZER) mode=report $(ARGS)
 
-data: setup ## 2 Data (paper 2.3, 3.1)|curate, mix and pack the three stages' data (DATA=tiny or axk1)
-	$(PYTHON) stages/curate.py data=$(DATA) $(ARGS)
+data: setup ## 2 Data (paper 2.3, 3.1)|curate, mix and pack the three stages' data (DATA=tiny or axk1, LAUNCHER=slurm: job arrays)
+	$(PYTHON) stages/curate.py data=$(DATA) $(if $(filter slurm,$(LAUNCHER)),data.executor.kind=slurm) $(ARGS)
 
 # Production plan (paper 2.2, 2.3, 3.3-3.5): the scaling-law planner + the time model against
 # Table 2 (conf/plan.yaml), and a one-process dry run of a layout's memory and step time on

@@ -324,7 +324,11 @@ def chain(specs: list[str], overrides: list[str], stages_dir: Path, conf_dir: Pa
                     print(f"[launcher] {path.stem} failed; not started: {', '.join(left) or 'none'}")
                     return 1
         return 0
-    jobs, after = [], []
+    jobs = []
+    # Pre-training data still being curated by Slurm jobs (`make data LAUNCHER=slurm`): the
+    # first stages wait for the job that writes the manifests (afterok), no manual hand-off.
+    after = sorted({j for _, _, cfg in composed[0] if "data" in cfg and OmegaConf.select(cfg, "data.root")
+                    and (j := preflight.pending_data_job(cfg.data.root))})
     for step in composed:
         ids = [submit_slurm(path, cfg, ov, after) for path, ov, cfg in step]
         for (path, ov, cfg), jid in zip(step, ids):

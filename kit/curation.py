@@ -14,7 +14,6 @@ fine-tunes its Korean long-context encoder, 3.1) from a local path.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import random
 import re
@@ -28,7 +27,6 @@ from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.filters.gopher_repetition_filter import GopherRepetitionFilter
 from datatrove.utils.word_tokenizers import WordTokenizer
 
-from kit.progress_bar import progress
 
 _WORD = re.compile(r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]+|[\u4e00-\u9fff\u3400-\u4dbf]|"
                    r"[\u3040-\u30ff\u30fc]+|[^\W\d_]+|\d+", re.UNICODE)
@@ -185,6 +183,10 @@ class ExactDedupFilter(BaseFilter):
         super().__init__()
         self.seen: set[bytes] = set()
 
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        self.seen = set()  # per task, also when one process runs several tasks in turn
+        yield from super().run(data, rank, world_size)
+
     def filter(self, doc: Document):
         h = hashlib.blake2b(" ".join(doc.text.lower().split()).encode("utf-8", "surrogatepass"), digest_size=16).digest()
         if h in self.seen:
@@ -233,16 +235,16 @@ def apply_filters(docs: list[Document], filters: list[BaseFilter], drops: dict) 
 # --------------------------------------------------------------------------------------------
 # Classifiers.
 # --------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=50_000)  # quality and domain models hash the same documents
-def _features(text: str, dim: int) -> list[int]:
+def _features(text: str, dim: int) -> np.ndarray:
     # The first 2,000 characters decide: classifiers judge a document by its opening (as an
     # encoder with a context limit would). crc32 is deterministic across processes, unlike hash().
+    # An int32 array (4 bytes a feature, not a Python int's 36): training holds one per sample text.
     s = text[:2000]
     words = [w.lower() for w in WORDS.word_tokenize(s)]
     # word bigrams carry word order (word salad has none of the common ones); unigrams add topic
     grams = [a + " " + b for a, b in zip(words, words[1:])] + words[::4]
     grams += [s[i:i + 3] for i in range(0, max(0, len(s) - 2), 2)]  # char trigrams: scripts, symbols, code
-    return [zlib.crc32(g.encode("utf-8", "surrogatepass")) % dim for g in grams] or [0]
+    return np.array([zlib.crc32(g.encode("utf-8", "surrogatepass")) % dim for g in grams] or [0], dtype=np.int32)
 
 
 class HashedLinear:
@@ -258,7 +260,7 @@ class HashedLinear:
     def _bags(self, texts=None, feats=None):
         feats = feats if feats is not None else [_features(t[:2000], self.dim) for t in texts]
         offsets = torch.tensor([0] + [len(f) for f in feats[:-1]]).cumsum(0)
-        return torch.tensor([i for f in feats for i in f]), offsets
+        return torch.from_numpy(np.concatenate(feats).astype(np.int64)), offsets
 
     def fit(self, texts: list[str], labels: list[str]) -> "HashedLinear":
         y = torch.tensor([self.labels.index(l) for l in labels])
@@ -277,10 +279,21 @@ class HashedLinear:
                 opt.step()
         return self
 
+    def save(self, path) -> None:
+        torch.save({"labels": self.labels, "dim": self.dim, "weight": self.emb.weight.data, "bias": self.bias.data}, path)
+
+    @classmethod
+    def load(cls, path) -> "HashedLinear":
+        st = torch.load(path, weights_only=True)
+        clf = cls(st["labels"], dim=st["dim"])
+        clf.emb.weight.data.copy_(st["weight"])
+        clf.bias.data.copy_(st["bias"])
+        return clf
+
     @torch.no_grad()
     def predict_proba(self, texts: list[str]) -> np.ndarray:
         out = []
-        for i in progress(range(0, len(texts), 256), desc="[curate] classify (256 docs each)", unit="batch"):
+        for i in range(0, len(texts), 256):
             flat, off = self._bags(texts[i:i + 256])
             out.append(torch.softmax(self.emb(flat, off) + self.bias, -1).numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)))
@@ -300,8 +313,7 @@ class HFEncoder:
     @torch.no_grad()
     def predict_proba(self, texts: list[str]) -> np.ndarray:
         out = []
-        for i in progress(range(0, len(texts), self.batch_size), desc=f"[curate] classify ({self.batch_size} docs each)",
-                          unit="batch"):
+        for i in range(0, len(texts), self.batch_size):
             enc = self.tok(texts[i:i + self.batch_size], truncation=True, max_length=self.max_length,
                            padding=True, return_tensors="pt")
             out.append(torch.softmax(self.model(**enc).logits.float(), -1).numpy())
@@ -338,6 +350,13 @@ def build_classifier(cfg: dict, train_texts: list[str], train_labels: list[str],
             raise SystemExit(f"{cfg['path']}: encoder labels {clf.labels} != expected {labels}")
         return clf
     raise SystemExit(f"classifier kind={kind!r}: use hashed_linear or hf_encoder")
+
+
+def load_classifier(cfg: dict, model_file):
+    """The applying side of build_classifier: the trained model saved in the work folder, or the encoder."""
+    if cfg.get("kind", "hashed_linear") == "hf_encoder":
+        return HFEncoder(cfg["path"], int(cfg.get("max_length", 512)))
+    return HashedLinear.load(model_file)
 
 
 def difficulty_score(text: str) -> float:

@@ -145,7 +145,7 @@ def input_errors(script: str, cfg: DictConfig, made_earlier: set[Path], chains: 
     data_stage = OmegaConf.select(cfg, "stage.data_stage")
     if data_stage and "data" in cfg:
         manifest = Path(str(cfg.data.root)) / data_stage / "manifest.json"
-        if not manifest.is_file():
+        if not manifest.is_file() and not pending_data_job(cfg.data.root):  # else the chain waits for it
             out.append(f"{manifest} not found: `make data DATA={Path(str(cfg.data.root)).name}` makes it")
     if (line := replaced_result(script, cfg)) is not None:
         out.append(line)
@@ -173,3 +173,20 @@ def replaced_result(script: str, cfg: DictConfig) -> str | None:
         return (f"{run_dir / 'metrics.json'} holds a finished evaluation: kept (overwrite=true replaces it, "
                 f"run_dir=... writes elsewhere)")
     return None
+
+
+def pending_data_job(data_root) -> str | None:
+    """The Slurm job that will write <data_root>'s manifests (stages/curate.py records it in
+    <data_root>/slurm_job.json when it submits), if it is still queued or running; else None."""
+    import json
+    import subprocess
+
+    f = Path(str(data_root)) / "slurm_job.json"
+    if not f.is_file():
+        return None
+    jid = str(json.loads(f.read_text())["job_id"])
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", jid, "-o", "%i"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return jid if out.returncode == 0 and out.stdout.strip() else None

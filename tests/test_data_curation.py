@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from datatrove.data import Document
 
-from kit import curation
+from kit import curation, curation_mix
+from kit import curation_steps as S
 import data as D
 
 from conftest import stage_module
@@ -61,28 +62,29 @@ def test_language_id():
     assert curation.detect_lang("这是一个中文句子，用来测试语言识别。")[0] == "zh"
 
 
-def _records(texts):
-    return [{"id": i, "text": t, "source": "web", "lang": "en", "category": "Web"} for i, t in enumerate(texts)]
+def _jsonl_source(tmp_path, texts, name="web"):
+    f = tmp_path / f"{name}.jsonl"
+    f.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return {name: {"kind": "jsonl", "paths": [str(f)], "lang": "en", "category": "Web"}}
 
 
 def test_exact_and_minhash_dedup_remove_planted_duplicates(tmp_path):
-    from omegaconf import OmegaConf
-
     rng = random.Random(0)
     vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(6)) for _ in range(3000)]
     distinct = [" ".join(rng.choice(vocab) for _ in range(250)) for _ in range(12)]
     near = distinct[0].split()
     near[10] = "changed"; near[200] = "edited"  # ~1% of words differ: a near duplicate
-    docs = _records(distinct + [" ".join(near), distinct[1].upper()])  # + exact (case-normalised) dup
-    dc = OmegaConf.create({
-        "executor": {"kind": "local", "tasks": 1, "workers": 1}, "filters": {"exact_dedup": {}},
-        "minhash": {"n_grams": 5, "num_buckets": 14, "hashes_per_bucket": 8, "seed": 1, "hash_fc": "sha1"},
-        "sources": {"web": {"kind": "jsonl"}}})
-    audit = {"drops": {}}
-    kept = curate.filter_and_dedup(docs, dc, tmp_path / "work", audit)
-    assert sorted(d["id"] for d in kept) == list(range(12))  # every distinct document survives
+    dc = {"sources": _jsonl_source(tmp_path, distinct + [" ".join(near), distinct[1].upper()]),  # + exact dup
+          "filters": {"exact_dedup": {}},
+          "minhash": {"n_grams": 5, "num_buckets": 14, "hashes_per_bucket": 8, "seed": 1, "hash_fc": "sha1"}}
+    work = tmp_path / "work"
+    curate.dedup_chain(dc, {"kind": "local", "workers": 1}, 1, work).run()
+    kept = [json.loads(line)["id"] for f in (work / "deduped").glob("*.jsonl") for line in open(f)]
+    assert sorted(kept, key=lambda i: int(i.split("/")[-1])) == [f"web/0/{i}" for i in range(12)]  # distinct survive
+    audit = curation_mix.merged_audit(work)
     assert audit["drops"]["exact_dedup:exact_duplicate"] == 1
     assert audit["drops"]["minhash:near_duplicate"] == 1
+    assert audit["sources"]["web"]["docs"] == 14
 
 
 def test_quality_and_domain_classifiers_learn_kit_labels():
@@ -114,19 +116,48 @@ def test_difficulty_orders_simple_below_technical():
     assert curation.difficulty_score(easy) < curation.difficulty_score(hard)
 
 
-def test_mixture_matches_configured_weights():
+def _partition(folder, rank, rows, categories, stages=("pretrain_s2",), first_id=0):
+    """A tokenize task's partition files from (category, n_tokens, bucket) rows (every token of a
+    document is its id: first_id + row index)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    table, offset, stats = [], 0, {s: {} for s in stages}
+    with open(folder / f"{rank:05d}.tokens", "wb") as f:
+        for i, (cat, n, b) in enumerate(rows):
+            f.write(np.full(n, first_id + i, dtype=np.uint32).tobytes())
+            table.append((offset, n, categories.index(cat), b, 1.0, 0.5))
+            offset += n
+            for s in stages:
+                stats[s].setdefault(cat, [0, 0])[b] += n
+    np.save(folder / f"{rank:05d}.docs.npy", np.array(table, dtype=S.DOC_TABLE))
+    (folder / f"{rank:05d}.stats.json").write_text(json.dumps({"docs": len(rows), "categories": categories,
+                                                               "stages": stats}))
+
+
+def _parts(folder):
+    return [(p, json.loads(p.read_text())) for p in sorted(folder.glob("*.stats.json"))]
+
+
+def test_mixture_matches_configured_weights_and_orders_easy_to_hard(tmp_path):
     rng = np.random.default_rng(0)
-    cats = ["Web", "Code", "Mathematics", "STEM"]
-    docs = [{"id": i, "category": cats[i % 4], "n_tokens": int(rng.integers(50, 400)), "difficulty": 0.5}
-            for i in range(400)]
+    cats = ["Books", "Code", "Mathematics", "STEM", "Web"]
+    rows = [(cats[1:][i % 4], int(rng.integers(50, 400)), i % 2) for i in range(400)]
+    for r in range(2):  # two tokenize tasks, 200 documents each
+        _partition(tmp_path / "tokens", r, rows[200 * r:200 * (r + 1)], cats, first_id=200 * r)
     weights = {"Web": 50, "Code": 30, "Mathematics": 15, "STEM": 5, "Books": 0}
-    chosen, report = curate.mix_stage(docs, weights, 200_000, seed=0, stage="pretrain_s2")
-    for c, w in weights.items():
-        if w:
-            assert abs(report[c]["realised_pct"] - w) < 1.0, (c, report[c])
+    w = curation_mix.ShardWriter(tmp_path / "out", np.dtype("uint32"), 10**9)
+    report = curation_mix.mix_stage(_parts(tmp_path / "tokens"), "pretrain_s2", weights, {}, 200_000, 0, 2, 0.002, w)
+    for c, wt in weights.items():
+        if wt:
+            assert abs(report[c]["realised_pct"] - wt) < 0.2, (c, report[c])
     assert report["Web"]["upsample"] > 1  # 100 Web docs (~22K tokens) had to be repeated
+    [shard] = w.flush()
+    assert abs(shard["tokens"] - 200_000) < 0.005 * 200_000
+    # easy -> hard: every bucket-0 document comes before every bucket-1 document
+    buckets = np.array([b for _, _, b in rows])[np.load(tmp_path / "out" / shard["file"])]
+    assert (np.diff(buckets) >= 0).all() and buckets[0] == 0 and buckets[-1] == 1
     with pytest.raises(SystemExit, match="Reasoning"):
-        curate.mix_stage(docs, {"Web": 50, "Reasoning": 50}, 10_000, seed=0, stage="pretrain_s2")
+        curation_mix.mix_stage(_parts(tmp_path / "tokens"), "pretrain_s2", {"Web": 50, "Reasoning": 50}, {},
+                               10_000, 0, 2, 0.002, w)
 
 
 def test_bad_records_counted_per_reason(tmp_path):
@@ -139,15 +170,18 @@ def test_bad_records_counted_per_reason(tmp_path):
     assert stats["bad"] == {"malformed_json": 1, "missing_field:text": 1, "non_string_field:text": 1,
                             "empty_text": 1, "invalid_utf8": 1, "not_an_object": 1}
     assert any(e.startswith(f"{f}:2: malformed_json") for e in stats["bad_examples"])
-    audit = {"sources": {}, "bad_records": {}, "bad_examples": []}
-    curate.read_sources({"j": {"kind": "jsonl", "paths": [str(f)]}}, audit)
+    docs = list(S.SourceReader({"j": {"kind": "jsonl", "paths": [str(f)]}}, str(tmp_path / "audit")).run())
+    audit = json.loads((tmp_path / "audit" / "00000.json").read_text())
+    assert [d.text for d in docs] == ["good one", "good two"]
     assert audit["bad_records"]["malformed_json"] == 1 and audit["sources"]["j"]["docs"] == 2
 
 
 def test_stage_shards_round_trip_through_loader(tmp_path):
-    docs = [{"id": i, "text": "", "n_tokens": 0} for i in range(30)]
     ids = {i: list(range(10 + i, 10 + i + 5 + i % 7)) for i in range(30)}
-    shards = curate.write_stage(tmp_path / "pretrain_s1", docs, ids, eos_id=1, vocab_size=4096, shard_tokens=50)
+    w = curation_mix.ShardWriter(tmp_path / "pretrain_s1", np.dtype("uint16"), 50)
+    for i in range(30):
+        w.add(np.asarray(ids[i] + [1]))
+    shards = w.flush()
     (tmp_path / "pretrain_s1" / "manifest.json").write_text(json.dumps({"format": D.FORMAT, "eos_id": 1, "shards": shards}))
     stream = np.concatenate([np.r_[ids[i], 1] for i in range(30)])
     ld = D.build_pretrain_loader({"root": str(tmp_path), "shuffle_window": 1}, stage="pretrain_s1",
@@ -167,27 +201,28 @@ def test_package_docs_follow_the_lock_file(tmp_path):
         list(D.iter_source({"kind": "package_docs", "packages_from": str(lock)}))
 
 
-def test_domain_relabel_only_where_the_classifier_is_confident():
-    from omegaconf import OmegaConf
-
+def test_domain_relabel_only_where_the_classifier_is_confident(tmp_path):
     enc = [t[:3000] for t in D.iter_source({"kind": "pydoc_topics"})][:40]
     web = [t[:3000] for t in D.iter_source({"kind": "package_docs"})][:40]
     # Three package READMEs labelled Books: a small category that looks like a big one.
-    docs = [{"text": t, "lang": "en", "category": "Encyclopedia"} for t in enc] + \
-           [{"text": t, "lang": "en", "category": "Web"} for t in web[3:]] + \
-           [{"text": t, "lang": "en", "category": "Books"} for t in web[:3]]
+    labelled = [(t, "Encyclopedia") for t in enc] + [(t, "Web") for t in web[3:]] + [(t, "Books") for t in web[:3]]
+
+    def docs():
+        return [Document(text=t, id=str(i), metadata={"lang": "en", "category": c}) for i, (t, c) in enumerate(labelled)]
+
+    list(S.BottomKSample(str(tmp_path / "sample"), "category", 1000).run(docs()))  # the sampling pass
+    cfg = {"kind": "hashed_linear", "relabel": True, "train_docs_per_category": 1000}
+    S.TrainClassifier("domain", cfg, str(tmp_path / "sample"), str(tmp_path / "domain.pt"), 0).train()
+    assert json.loads((tmp_path / "domain.json").read_text())["heldout_docs"] > 0
 
     def relabelled(min_conf):
-        dc = OmegaConf.create({"seed": 0, "quality": {"enabled": False},
-                               "domain": {"enabled": True, "kind": "hashed_linear", "relabel": True,
-                                          "relabel_min_confidence": min_conf}})
-        audit = {"drops": {}}
-        out = curate.classify([dict(d) for d in docs], dc, audit)
-        return audit["domain_classifier"]["relabelled_docs"], [d["category"] for d in out]
+        step = S.ApplyDomain({**cfg, "relabel_min_confidence": min_conf}, str(tmp_path / "domain.pt"))
+        out = list(step.run(docs()))
+        return sum(d.metadata["category"] != c for d, (_, c) in zip(out, labelled)), [d.metadata["category"] for d in out]
 
     n_any, _ = relabelled(0.0)
     n_none, cats = relabelled(1.01)  # no prediction is that confident: every source label stays
-    assert n_any > 0 and n_none == 0 and cats == [d["category"] for d in docs]
+    assert n_any > 0 and n_none == 0 and cats == [c for _, c in labelled]
 
 
 def test_cluster_data_config_composes_with_the_paper_budgets(tmp_path):
@@ -206,9 +241,16 @@ def test_cluster_data_config_composes_with_the_paper_budgets(tmp_path):
     assert isinstance(ex, SlurmPipelineExecutor) and ex.tasks == 2048
 
 
-def test_quality_training_sample_gives_each_language_a_share():
-    docs = [{"text": f"en {i}", "lang": "en"} for i in range(500)] + [{"text": f"ko {i}", "lang": "ko"} for i in range(30)]
-    sample = curate.stratified_sample(docs, 100, random.Random(0))
-    assert len(sample) == len(set(sample)) == 100
+def test_quality_training_sample_gives_each_language_a_share_whatever_the_task_count(tmp_path):
+    docs = [Document(text=f"en {i}", id=f"e{i}", metadata={"lang": "en"}) for i in range(500)] + \
+        [Document(text=f"ko {i}", id=f"k{i}", metadata={"lang": "ko"}) for i in range(30)]
+    samples = []
+    for tasks in (1, 3):
+        folder = tmp_path / f"t{tasks}"
+        for r in range(tasks):
+            list(S.BottomKSample(str(folder), "lang", 100).run(docs[r::tasks], rank=r, world_size=tasks))
+        samples.append(S.stratified(S.merged_sample(str(folder), 100), 100))
+    sample = samples[0]
+    assert len(sample) == len(set(sample)) == 100 and samples[1] == sample  # the same sample from 1 or 3 tasks
     assert sum(t.startswith("ko") for t in sample) == 30  # all of the small language, the rest English
-    assert len(curate.stratified_sample(docs, 10_000, random.Random(0))) == 530
+    assert len(S.stratified(S.merged_sample(str(tmp_path / "t1"), 10_000), 10_000)) == 130
