@@ -29,7 +29,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import data as D
-from kit import curation, preflight
+from kit import console, curation, preflight
 from kit import curation_steps as S
 from kit.curation_mix import MixStages
 
@@ -142,11 +142,10 @@ def curation_chain(dc: dict, work: Path):
 def report(root: Path) -> None:
     for stage in D.STAGES:
         m = json.loads((root / stage / "manifest.json").read_text())
-        print(f"[curate] {stage}: {m['total_tokens']} tokens, {m['total_docs']} docs, "
-              f"{len(m['shards'])} shards -> {root / stage}", flush=True)
-        for c, r in m["mixture"].items():
-            print(f"    {c:<13} target {r['weight_pct']:6.2f}%  realised {r['realised_pct']:6.2f}%  "
-                  f"upsample x{r['upsample']}", flush=True)
+        mix = ", ".join(f"{c} {r['realised_pct']:.1f}% ({r['weight_pct']:.1f}%, x{r['upsample']})"
+                        for c, r in m["mixture"].items())
+        print(f"[curate] {stage}: {m['total_tokens']:,} tokens, {m['total_docs']} docs, {len(m['shards'])} shards "
+              f"-> {root / stage}; realised (target, upsample): {mix}", flush=True)
     print(f"[curate] read {m['docs_read']} docs, kept {m['docs_kept']}; drops {m['drops']}; "
           f"domain classifier {m.get('domain_classifier')}", flush=True)
 
@@ -162,7 +161,13 @@ def main(cfg: DictConfig) -> None:
     prepare_work(work, bool(dc.get("resume", False)))
     (root / "slurm_job.json").unlink(missing_ok=True)
     last = curation_chain(dc, work)
-    last.run()
+    # datatrove prints every task's banner, pipeline drawing and stats table (its logs folder keeps
+    # them per task too): one file for all of it, one line here; a failure shows that file's tail
+    datatrove_log = work / "logs" / "console.log"
+    print(f"[curate] {len(dc['sources'])} sources, {dc['executor'].get('tasks', 1)} tasks per step "
+          f"({dc['executor'].get('kind', 'local')}); datatrove's output: {datatrove_log}", flush=True)
+    with console.output_to(datatrove_log):
+        last.run()
     if last.get_incomplete_ranks():  # Slurm: the job arrays were submitted, chained with afterok
         # The packing job's id, for the pre-training chain to wait on (launcher.py, afterok)
         root.mkdir(parents=True, exist_ok=True)
