@@ -26,10 +26,13 @@ def cluster_up() -> bool:
 
 
 def curate(out: Path, *overrides: str) -> str:
+    """stages/curate.py's console and what datatrove printed during this run (its console.log)."""
+    log = out / "_work" / "logs" / "console.log"
+    seen = log.read_text() if log.exists() and "data.resume=true" in overrides else ""
     p = subprocess.run([sys.executable, "stages/curate.py", f"data.root={out}", f"data.work_dir={out}/_work",
                         f"hydra.run.dir={out}/hydra", *overrides], cwd=ROOT, env=child_env(),
                        capture_output=True, text=True, timeout=TIMEOUT)
-    text = p.stdout + p.stderr
+    text = p.stdout + p.stderr + (log.read_text()[len(seen):] if log.exists() else "")
     if "data.executor.kind=slurm" in overrides:  # returns once submitted, saying so
         assert "datatrove jobs submitted" in text, text[-3000:]
     else:
