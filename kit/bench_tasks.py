@@ -46,8 +46,17 @@ class Scored:
 def read_records(path: Path) -> list[dict]:
     """JSON lines, a JSON list, CSV or Parquet, by extension."""
     if path.suffix == ".jsonl":
-        lines = path.read_text(encoding="utf-8").splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        text = path.read_text(encoding="utf-8")
+        if text.lstrip().startswith("["):  # one JSON list under a .jsonl name (snunlp/KoBALT-700's data/train.jsonl)
+            return json.loads(text)
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{number}: not a JSON object per line ({e.msg})") from None
+        return records
     if path.suffix == ".json":
         data = json.loads(path.read_text(encoding="utf-8"))
         return data if isinstance(data, list) else [data]

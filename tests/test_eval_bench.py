@@ -221,6 +221,16 @@ def test_avg_at_k_over_distinct_seeds_with_interval(bench):
     assert sorted({s["seed"] for s in samples}) == [1234, 1235, 1236, 1237]
 
 
+def test_jsonl_reader_takes_a_json_list_and_names_a_bad_line(tmp_path):
+    listed = tmp_path / "kobalt.jsonl"  # KoBALT-700 publishes one JSON list under a .jsonl name
+    listed.write_text(json.dumps([{"question": "q1", "answer": "A"}, {"question": "q2", "answer": "B"}]))
+    assert [r["answer"] for r in bench_tasks.read_records(listed)] == ["A", "B"]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"question": "q1"}\n\n{"question": \n')
+    with pytest.raises(ValueError, match=r"broken\.jsonl:3: not a JSON object per line"):
+        bench_tasks.read_records(broken)
+
+
 def test_request_body_per_mode():
     endpoint = Endpoint("http://127.0.0.1:9/v1", model="axk1")  # model given: no request is made
     preset = compose_cfg("eval_bench").bench.presets
