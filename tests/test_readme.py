@@ -46,7 +46,8 @@ def readme_commands(text: str) -> list[str]:
     """Every command of the README's ```bash blocks: continuation lines joined, a quoted string
     that spans lines kept whole, comments dropped."""
     commands = []
-    for block in re.findall(r"^```bash\n(.*?)^```", text, flags=re.M | re.S):
+    for indent, block in re.findall(r"^([ \t]*)```bash\n(.*?)^[ \t]*```", text, flags=re.M | re.S):
+        block = "\n".join(line[len(indent):] for line in block.splitlines())  # a block inside a list item
         pending = ""
         for line in re.sub(r"\\\n\s*", " ", block).splitlines():
             pending = f"{pending}\n{line}" if pending else line
