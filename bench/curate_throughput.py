@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 FILES_PER_COPY = 8  # JSONL files per copy: file sources are split across tasks by file
 
 
@@ -54,8 +53,7 @@ def run_one(spec: dict) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    sys.path.insert(0, str(ROOT / "stages"))
-    import curate
+    from stages import curate  # the kit is installed into the venv (make setup): no sys.path edits
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         dc = OmegaConf.to_container(compose("curate").data, resolve=True)

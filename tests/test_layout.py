@@ -105,3 +105,13 @@ def test_no_stage_script_shadows_a_recipe_module():
     root_modules = {path.stem for path in ROOT.glob("*.py")} | {"kit"}
     stage_scripts = {path.stem for path in (ROOT / "stages").glob("*.py")}
     assert sorted(root_modules & stage_scripts) == []
+
+
+def test_no_file_edits_sys_path_or_pythonpath():
+    """One import rule: `make setup` installs the project into the venv, so no script, test or
+    bench reaches the kit by editing sys.path or setting PYTHONPATH."""
+    edits = re.compile(r"sys\.path\.(insert|append)\(|PYTHONPATH=")
+    found = [f"{rel}:{n}" for rel in sorted(source_files(ROOT)) + ["Makefile"]
+             for n, line in enumerate((ROOT / rel).read_text().splitlines(), 1)
+             if edits.search(line) and rel != "tests/test_layout.py"]
+    assert found == [], found

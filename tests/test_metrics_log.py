@@ -3,7 +3,6 @@ and short real stage runs (pre-training on 2 ranks, SFT, RL) whose TensorBoard e
 W&B run hold what metrics.jsonl holds."""
 
 import json
-import os
 import re
 import socket
 import struct
@@ -77,8 +76,9 @@ def test_metrics_off_by_default_import_neither_wandb_nor_network(tmp_path):
             "log = metrics_log.MetricLog(cfg, 0, progress='step', total=2, start=0); "
             "log.log({'step': 1, 'loss': 1.0}); log.close(); "
             "print(cfg.metrics.wandb.enabled, cfg.metrics.tensorboard, 'wandb' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT / "tests"))).stdout
+    # run from tests/: `python -c` puts the working directory first on sys.path (conftest's helpers)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "tests", capture_output=True, text=True,
+                         check=True).stdout
     assert out.split()[-3:] == ["False", "True", "False"], out
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
