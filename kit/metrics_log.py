@@ -256,7 +256,7 @@ class MetricLog:
         self.eta = Eta(total, cfg.metrics.eta_smoothing)
         self.backends: list[_Guarded] = []
         self.t_last, self.done_last = time.perf_counter(), float(start)
-        self.console_every_s, self.t_console = float(cfg.metrics.console_every_s), None
+        self.log_every, self.console_every_s, self.t_console = int(cfg.log_every), float(cfg.metrics.console_every_s), None
         if rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if cfg.metrics.tensorboard:
@@ -279,8 +279,12 @@ class MetricLog:
             f.write(json.dumps(rec) + "\n")
         for b in self.backends:
             b.log(scalars(rec), int(rec["step"]))
+        # every log_every steps but at most every console_every_s seconds (the first due step always),
+        # and the stage's last step whatever its number
         last = done >= self.eta.total
-        if console and (self.t_console is None or last or now - self.t_console >= self.console_every_s):
+        due = int(rec["step"]) % self.log_every == 0 and (
+            self.t_console is None or now - self.t_console >= self.console_every_s)
+        if console and (due or last):
             self.t_console = now
             print(f"{console} | {self.memory.headline(rec)} | {rec['step_s']:.2f}s/step | "
                   f"eta {fmt_duration(rec['eta_s'])}", flush=True)

@@ -131,7 +131,7 @@ def run(cfg: DictConfig) -> dict:
             **router,
         }
         percent_done = 100.0 * state["tokens"] / budget.tokens
-        log.log(record, None if state["step"] % cfg.log_every else
+        log.log(record,  # the console line; MetricLog decides when it is printed (log_every, console_every_s)
                 f"[{stage.name}] step {state['step']:5d} {percent_done:5.1f}% loss {loss_val:.4f} (lm {lm_loss:.4f} "
                 f"mtp {mtp_loss:.4f}) lr {lr:.2e} bs {global_batch} {tokens_per_s:,.0f} tok/s "
                 f"mfu {record['mfu']:.1%} imb {record['expert_imbalance']:.2f}")

@@ -235,7 +235,7 @@ def run(cfg: DictConfig) -> dict:
         now = time.perf_counter()
         record["step_s"] = now - last_step_end
         last_step_end = now
-        log.log(record, None if state["step"] % cfg.log_every else
+        log.log(record,  # the console line; MetricLog decides when it is printed (log_every, console_every_s)
                 f"[{stage.name}] step {state['step']:3d}/{budget.steps} reward {record['reward']:+.3f} "
                 f"acc {record['accuracy']:.3f} "
                 f"fmt_err think {record.get('format_error_thinking', float('nan')):.2f} "

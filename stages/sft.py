@@ -161,7 +161,7 @@ def run(cfg: DictConfig) -> dict:
             "response_tokens": int(n_targets[0]),
             **router,
         }
-        log.log(record, None if state["step"] % cfg.log_every else
+        log.log(record,  # the console line; MetricLog decides when it is printed (log_every, console_every_s)
                 f"[{stage.name}] step {state['step']:4d}/{total_steps} loss {lm_loss:.4f} (mtp {mtp_loss:.4f}) "
                 f"lr {lr:.2e} gnorm {float(grad_norm):.2f}")
         if not math.isfinite(lm_loss):
