@@ -64,4 +64,7 @@ latent_bytes = B * (L // cp) * (m.kv_lora_rank + m.qk_rope_head_dim) * 4
 err["expected_allgather_bytes"] = latent_bytes * (cp - 1)
 if rank == 0:
     print("CPCHECK " + json.dumps(err), flush=True)
+# every rank done with its collectives before teardown: gloo can abort a rank whose peer
+# destroys the group while its own work is still in flight ('terminate called', seen once in CI)
+dist.barrier()
 dist.destroy_process_group()

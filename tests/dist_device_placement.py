@@ -187,6 +187,9 @@ def main() -> None:
         print(f"DEVICE-FAIL after {done or 'nothing'}: {e}", flush=True)
         sys.exit(1)
     print("DEVICE-OK " + json.dumps({"steps": done, "collectives": police.collectives}), flush=True)
+    # every rank done with its collectives before teardown: gloo can abort a rank whose peer
+    # destroys the group while its own work is still in flight ('terminate called', seen once in CI)
+    dist.barrier()
     dist.destroy_process_group()
 
 

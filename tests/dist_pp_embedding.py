@@ -55,4 +55,7 @@ except RuntimeError as e:
     result["refused"] = "drifted" in str(e)
 if rank == 0:
     print("PPCHECK " + json.dumps(result), flush=True)
+# every rank done with its collectives before teardown: gloo can abort a rank whose peer
+# destroys the group while its own work is still in flight ('terminate called', seen once in CI)
+torch.distributed.barrier()
 torch.distributed.destroy_process_group()
