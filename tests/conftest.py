@@ -21,6 +21,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
+def cluster_up() -> bool:
+    """A Slurm cluster answers with a usable node (scripts/slurm_local.sh up): the slurm tests' skip."""
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and any(s.strip("*~#") in ("idle", "mix", "alloc") for s in out.stdout.split())
+
+
 def free_port() -> int:
     """A port nothing listens on now (torchrun rendezvous, servers started by tests)."""
     with socket.socket() as s:

@@ -9,20 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, child_env
+from conftest import ROOT, child_env, cluster_up
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 STAGES = ("pretrain_s1", "pretrain_s2", "pretrain_s3")
 SLURM = ["data.executor.kind=slurm", "data.executor.tasks=2"]  # conf/data/tiny.yaml: the local cluster's partition
 TIMEOUT = 420
-
-
-def cluster_up() -> bool:
-    try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return out.returncode == 0 and any(s.strip("*~#") in ("idle", "mix", "alloc") for s in out.stdout.split())
 
 
 def curate(out: Path, *overrides: str) -> str:

@@ -59,24 +59,21 @@ def test_failing_backend_warns_once_and_training_logs_on(tmp_path, capsys):
     assert [r["step"] for r in recs] == [1, 2] and all("eta_s" in r and "mem_rss_gib" in r for r in recs)
 
 
-def test_console_gets_first_last_and_interval_lines_while_jsonl_gets_every_step(tmp_path, capsys):
-    cfg = compose_cfg("pretrain", [f"run_dir={tmp_path}", "metrics.tensorboard=false", "metrics.console_every_s=3600",
-                                   "log_every=1"])
+def console_lines(run_dir, capsys, *overrides: str) -> list[str]:
+    """Steps 1-5 of a 50-token stage (10 tokens a step) through MetricLog: the console lines shown."""
+    cfg = compose_cfg("pretrain", [f"run_dir={run_dir}", "metrics.tensorboard=false", *overrides])
     log = metrics_log.MetricLog(cfg, 0, progress="tokens", total=50, start=0)
     for step in range(1, 6):
         log.log({"step": step, "tokens": 10 * step, "loss": 1.0}, console=f"[t] step {step}")
     log.close()
-    shown = [x.split(" |")[0] for x in capsys.readouterr().out.splitlines()]
+    return [x.split(" |")[0] for x in capsys.readouterr().out.splitlines()]
+
+
+def test_console_gets_first_last_and_interval_lines_while_jsonl_gets_every_step(tmp_path, capsys):
+    shown = console_lines(tmp_path, capsys, "metrics.console_every_s=3600", "log_every=1")
     assert shown == ["[t] step 1", "[t] step 5"], shown  # the first, then the last (tokens reach the total)
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 5
-
-    cfg = compose_cfg("pretrain", [f"run_dir={tmp_path}", "metrics.tensorboard=false", "metrics.console_every_s=0",
-                                   "log_every=2"])
-    log = metrics_log.MetricLog(cfg, 0, progress="tokens", total=50, start=0)
-    for step in range(1, 6):
-        log.log({"step": step, "tokens": 10 * step, "loss": 1.0}, console=f"[t] step {step}")
-    log.close()
-    shown = [x.split(" |")[0] for x in capsys.readouterr().out.splitlines()]
+    shown = console_lines(tmp_path, capsys, "metrics.console_every_s=0", "log_every=2")
     assert shown == ["[t] step 2", "[t] step 4", "[t] step 5"], shown  # log_every, and the last step off its grid
 
 

@@ -11,17 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import cluster_up
 
 ROOT = Path(__file__).resolve().parents[1]
 import launcher  # noqa: E402
-
-
-def cluster_up() -> bool:
-    try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return out.returncode == 0 and any(s.strip("*~#") in ("idle", "mix", "alloc") for s in out.stdout.split())
 
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow,
